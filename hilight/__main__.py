@@ -1,0 +1,3 @@
+from hilight.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""HiLight's own checkpoint format: one directory holding
+
+- ``config.json``: ``{"format": "hilight", "format_version": 1, "dtype": ..., "config": {...}}``
+- ``model.safetensors`` or, when large, ``model-0000i-of-0000n.safetensors`` plus
+  ``model.safetensors.index.json``
+- the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ...)
+
+Writes are atomic (a temporary directory renamed into place) and loads are strict: any
+missing or unexpected tensor name raises, except the tied ``lm_head.weight``, which is
+never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from hilight.config import HiLightConfig, from_dict, to_dict
+from hilight.model import HiLight
+
+log = logging.getLogger(__name__)
+
+FORMAT = "hilight"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
+TIED_KEY = "llm.lm_head.weight"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, malformed, or does not match the model."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_state_dict(model: HiLight) -> dict[str, torch.Tensor]:
+    """The tensors we store: every parameter and persistent buffer, minus the tied head."""
+    state = model.state_dict()
+    if model.config.llm.tie_word_embeddings:
+        state.pop(TIED_KEY, None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(
+    model: HiLight, path: str | Path, tokenizer=None, max_shard_size: str | int = "4GB"
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) to directory ``path``, replacing it atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = model_state_dict(model)
+        dtype = next(iter(state.values())).dtype
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": _dtype_name(dtype),
+                "config": to_dict(model.config)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is swapped out, then removed."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a HiLight checkpoint directory."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a HiLight checkpoint (format={meta.get('format')!r}); "
+            "original checkpoints are imported with `hilight convert`"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    return meta
+
+
+def read_config(path: str | Path) -> HiLightConfig:
+    return from_dict(HiLightConfig, read_meta(path)["config"])
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in index order."""
+    path = Path(path)
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        if not file.is_file():
+            raise CheckpointError(f"{file}: shard listed in the index is missing")
+        state.update(load_file(file))
+    return state
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[list[int], str]]:
+    """Name -> (shape, dtype) of every stored tensor, read from headers only."""
+    shapes = {}
+    for file in weight_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                shapes[name] = (sl.get_shape(), sl.get_dtype())
+    return shapes
+
+
+def load_state_strict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], allowed_missing: Iterable[str] = (), where: str = ""
+) -> None:
+    """``load_state_dict`` that assigns tensors and raises on any unexpected name, any missing
+    name outside ``allowed_missing``, and any shape mismatch, listing the names."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - set(allowed_missing))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:20])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:20])}")
+    if wrong:
+        detail = [f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in wrong[:20]]
+        problems.append(f"wrong shape {len(wrong)}: {', '.join(detail)}")
+    if problems:
+        raise CheckpointError(f"{where}: state dict does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def build_empty(config: HiLightConfig) -> HiLight:
+    """Build a model whose parameters are unallocated (meta); buffers stay real so Gemma's
+    rotary tables are computed. Every parameter must then be assigned by a strict load."""
+    with init_empty_weights(include_buffers=False):
+        return HiLight(config)
+
+
+def tie_llm_embeddings(model: HiLight) -> None:
+    if model.config.llm.tie_word_embeddings:
+        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
+
+
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_tokenizer: bool = True
+):
+    """Load ``(model, tokenizer)`` from a HiLight checkpoint directory (tokenizer is None when
+    ``with_tokenizer`` is false). The model is in eval mode, with towers frozen as configured."""
+    path = Path(path)
+    meta = read_meta(path)
+    config = from_dict(HiLightConfig, meta["config"])
+    model = build_empty(config)
+    state = load_weights(path)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    allowed = {TIED_KEY} if config.llm.tie_word_embeddings else set()
+    load_state_strict(model, state, allowed_missing=allowed, where=str(path))
+    tie_llm_embeddings(model)
+    model.set_trainable(config.trainable)
+    model.to(device).eval()
+    tokenizer = None
+    if with_tokenizer:
+        from hilight.tokenizer import load_tokenizer
+
+        if not (path / "tokenizer_config.json").is_file():
+            raise CheckpointError(f"{path}: no tokenizer files (tokenizer_config.json)")
+        tokenizer = load_tokenizer(path)
+    log.info("loaded %s (%s)", path, meta["dtype"])
+    return model, tokenizer
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint holds, from its headers: config, dtype, parameters per component."""
+    meta = read_meta(path)
+    shapes = tensor_shapes(path)
+    counts: dict[str, int] = {}
+    dtypes: set[str] = set()
+    for name, (shape, dt) in shapes.items():
+        component = name.split(".", 1)[0]
+        n = 1
+        for s in shape:
+            n *= s
+        counts[component] = counts.get(component, 0) + n
+        dtypes.add(dt)
+    counts["total"] = sum(counts.values())
+    return {
+        "path": str(path),
+        "dtype": meta["dtype"],
+        "tensor_dtypes": sorted(dtypes),
+        "tensors": len(shapes),
+        "parameters": counts,
+        "tokenizer": (Path(path) / "tokenizer_config.json").is_file(),
+        "config": meta["config"],
+    }

@@ -1,0 +1,151 @@
+"""The ``hilight`` command. Each subcommand parses its arguments and calls one library function.
+
+User errors (bad files, bad configs, bad checkpoints) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from hilight.checkpoint import CheckpointError
+    from hilight.config import ConfigError
+    from hilight.convert import ConversionError
+    from hilight.text import ConversationError
+    from hilight.video import VideoError
+
+    return CheckpointError, ConfigError, ConversionError, ConversationError, VideoError, FileNotFoundError
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Parameter counts of a preset (built on the meta device) or what a checkpoint holds."""
+    if (args.preset is None) == (args.path is None):
+        raise SystemExit("hilight info: give either a checkpoint PATH or --preset NAME")
+    if args.preset:
+        import torch
+
+        from hilight.config import preset, to_dict
+        from hilight.model import HiLight
+
+        config = preset(args.preset)
+        with torch.device("meta"):
+            counts = HiLight(config).parameter_counts()
+        info = {"preset": args.preset, "parameters": counts, "tokens_per_video": config.tokens_per_video,
+                "config": to_dict(config)}
+    else:
+        from hilight.checkpoint import describe
+
+        info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info.get('preset') or info['path']}")
+    for name, n in info["parameters"].items():
+        print(f"  {name:<14}{n:>16,}")
+    if "dtype" in info:
+        print(f"  dtype {info['dtype']}, {info['tensors']} tensors, tokenizer: {'yes' if info['tokenizer'] else 'no'}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Assemble a HiLight checkpoint from original-format files."""
+    import torch
+
+    from hilight.checkpoint import save_checkpoint
+    from hilight.config import apply_overrides, preset
+    from hilight.convert import ConversionError, Sources, assemble
+    from hilight.tokenizer import load_tokenizer
+
+    paths: dict[str, Path] = {}
+    for fmt, path in args.sources or []:
+        key = fmt.replace("-", "_")
+        if key in paths:
+            raise ConversionError(f"--from {fmt} given twice")
+        paths[key] = Path(path)
+    sources = Sources(**paths)
+    tokenizer_dir = args.tokenizer or sources.gemma or sources.hilight_merged
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        raise ConversionError(f"{tokenizer_dir or 'no directory'}: no tokenizer files; give --tokenizer DIR")
+    base = apply_overrides(preset(args.preset), args.set or [])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = assemble(sources, base, frozenset(args.init or ()), dtype)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if len(tokenizer) > model.config.llm.vocab_size:
+        raise ConversionError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens, the LLM only "
+                              f"{model.config.llm.vocab_size}")
+    save_checkpoint(model, args.out, tokenizer)
+    print(f"wrote {args.out} ({model.parameter_counts()['total']:,} parameters, {args.dtype})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """End-to-end run of the tiny preset with UNTRAINED weights on a generated clip."""
+    import tempfile
+
+    from hilight.demo import run_demo
+
+    workdir = args.out or tempfile.mkdtemp(prefix="hilight-demo-")
+    report = run_demo(workdir, seed=args.seed)
+    print("HiLight end-to-end demo -- tiny preset, UNTRAINED random weights (the answer is noise)")
+    print(f"  clip            {report.clip}")
+    print(f"  frames tensor   {list(report.pixel_shape)}  (videos, frames, channels, height, width)")
+    print(f"  visual tokens   {report.tokens_per_video} per video; prompt {report.prompt_tokens} positions")
+    print(f"  training loss   {report.loss:.3f}  (about ln(vocab) for random weights)")
+    print(f"  greedy answer   {report.answer!r}")
+    print(f"  after save/load {report.reloaded_answer!r}  ({'identical' if report.answer == report.reloaded_answer else 'DIFFERENT'})")
+    print(f"  took {report.seconds:.1f} s")
+    return 0 if report.answer == report.reloaded_answer else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hilight import __version__
+    from hilight.convert import FORMATS
+
+    parser = argparse.ArgumentParser(prog="hilight", description="HiLight video-language assistant")
+    parser.add_argument("--version", action="version", version=f"hilight {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="parameter counts of a preset, or what a checkpoint holds")
+    p.add_argument("path", nargs="?", help="a HiLight checkpoint directory")
+    p.add_argument("--preset", help="a preset name (hilight-2b, tiny)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="assemble a HiLight checkpoint from original-format weights")
+    p.add_argument("--from", dest="sources", nargs=2, action="append", metavar=("FORMAT", "PATH"),
+                   help=f"a source and its format, repeatable; FORMAT is one of {', '.join(FORMATS)}")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the Gemma / merged directory)")
+    p.add_argument("--preset", default="hilight-2b", help="tower and TokenMining sizes (default hilight-2b)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--init", nargs="*", choices=["token_mining"], help="initialise these parts fresh")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
+    p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"hilight {args.command}: {exc}", file=sys.stderr)
+        return USER_ERROR

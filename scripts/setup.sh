@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install HiLight into it (CPU PyTorch 2.13.0). `--test` adds the test tools.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".${extras}"
