@@ -1,0 +1,41 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hilight.config import tiny_config  # noqa: E402
+from hilight.model import HiLight  # noqa: E402
+from hilight.text import ChatTokenizer  # noqa: E402
+from hilight.tokenizer import DEMO_CORPUS, train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(DEMO_CORPUS * 20, vocab_size=400)
+
+
+@pytest.fixture
+def config(tokenizer):
+    return tiny_config(vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def model(config):
+    torch.manual_seed(0)
+    return HiLight(config).eval()
+
+
+@pytest.fixture
+def chat(tokenizer, config):
+    return ChatTokenizer(tokenizer, config.tokens_per_video)
+
+
+def clips(config, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random normalised clips [n, T, 3, S, S]."""
+    g = torch.Generator().manual_seed(seed)
+    v = config.video
+    return torch.randn(n, v.num_frames, 3, v.image_size, v.image_size, generator=g)

@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+from hilight.config import LLMConfig, TrainableConfig, tiny_config
+from hilight.engine import GenerationSettings, generate
+from hilight.model import HiLight
+from hilight.text import IGNORE_INDEX, Message, collate
+from tests.conftest import clips
+
+SAMPLES = [
+    [Message("user", "<video>\nWhich ball went in?"), Message("model", "The red ball.")],
+    [Message("user", "Compare <video> and <video>."), Message("model", "In the first clip."),
+     Message("user", "Sure?"), Message("model", "Yes.")],
+    [Message("user", "Hello there."), Message("model", "Hi.")],  # text only
+]
+
+
+def _sharpen(model):
+    """Random init gives near-uniform logits; larger weights make greedy decoding discriminative."""
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(0, 0.1)
+    return model
+
+
+def test_forward_shapes_and_loss(model, chat, config):
+    enc = chat.encode(SAMPLES[0])
+    batch = collate([enc], chat.pad_id)
+    out = model(batch.input_ids, batch.attention_mask, batch.labels, pixel_values=clips(config, 1))
+    assert out.logits.shape == (1, len(enc), config.llm.vocab_size)
+    assert torch.isfinite(out.loss)
+    assert not out.loss.requires_grad  # everything is frozen by default: no graph is built
+
+
+def test_batch_with_mixed_video_counts_matches_single_samples(model, chat, config):
+    encs = [chat.encode(s) for s in SAMPLES]
+    videos = clips(config, 3)  # sample 0 has 1 video, sample 1 has 2, sample 2 none
+    batch = collate(encs, chat.pad_id)
+    with torch.no_grad():
+        out = model(batch.input_ids, batch.attention_mask, batch.labels, pixel_values=videos)
+        per_video = [videos[:1], videos[1:3], None]
+        total, count = 0.0, 0
+        for row, (enc, vids) in enumerate(zip(encs, per_video, strict=True)):
+            single = collate([enc], chat.pad_id)
+            ref = model(single.input_ids, single.attention_mask, single.labels, pixel_values=vids)
+            torch.testing.assert_close(out.logits[row, :len(enc)], ref.logits[0], atol=2e-5, rtol=1e-4)
+            n = sum(1 for lab in enc.labels[1:] if lab != IGNORE_INDEX)
+            total, count = total + ref.loss.item() * n, count + n
+    assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_video_count_mismatch_raises(model, chat, config):
+    batch = collate([chat.encode(SAMPLES[1])], chat.pad_id)
+    with pytest.raises(ValueError, match="2 video placeholder"):
+        model(batch.input_ids, batch.attention_mask, pixel_values=clips(config, 1))
+
+
+def test_visual_tokens_scaled_like_gemma_438_inputs_embeds():
+    # Gemma-2B width: sqrt(2048) = 45.2548..., rounded to 45.25 in bf16 as transformers 4.38 did
+    cfg = tiny_config(vocab_size=64)
+    cfg.token_mining.llm_dim = 2048
+    cfg.llm = LLMConfig(vocab_size=64, hidden_size=2048, intermediate_size=16, num_layers=1, num_heads=8,
+                        num_kv_heads=1, head_dim=256)
+    model = HiLight(cfg)
+    ids = torch.tensor([[2, -200, -200, 7]])
+    visual = torch.randn(1, 2, 2048)
+    for dtype, scale in ((torch.float32, 45.254833995939045), (torch.bfloat16, 45.25)):
+        model.to(dtype)
+        embeds = model.embed(ids, visual)
+        torch.testing.assert_close(embeds[0, 1:3], (visual[0].to(dtype) * scale).to(dtype), atol=0, rtol=0)
+        text = model.llm.get_input_embeddings().weight[7] * torch.tensor(scale, dtype=dtype)
+        torch.testing.assert_close(embeds[0, 3], text, atol=0, rtol=0)
+
+
+def _greedy_by_recomputation(model, ids, video_embeds, steps, stops):
+    ids = list(ids)
+    new = []
+    for _ in range(steps):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model.llm(inputs_embeds=model.embed(x, video_embeds), use_cache=False).logits
+        token = int(logits[0, -1].argmax())
+        new.append(token)
+        if token in stops:
+            break
+        ids.append(token)
+    return new
+
+
+def test_kv_cached_generation_matches_full_recomputation(model, chat, config):
+    _sharpen(model)
+    prompt = chat.encode([Message("user", "Compare <video> with <video>, please.")], generation=True)
+    videos = clips(config, 2)
+    stops = [chat.end_of_turn_id, chat.eos_id]
+    batch = collate([prompt], chat.pad_id, padding_side="left")
+    out = generate(model, batch, stops, GenerationSettings(max_new_tokens=20), pixel_values=videos)[0].tolist()
+    with torch.no_grad():
+        embeds = model.video_embeddings(model.encode_videos(videos))
+    ref = _greedy_by_recomputation(model, prompt.input_ids, embeds, 20, stops)
+    assert out[: len(ref)] == ref
+    assert len(set(ref)) > 1  # the check is not vacuous
+
+
+def test_left_padded_batch_generation_matches_single_prompts(model, chat, config):
+    _sharpen(model)
+    prompts = [chat.encode([Message("user", "<video>\nWhat happens?")], generation=True),
+               chat.encode([Message("user", "Describe <video> then <video> in detail please.")], generation=True)]
+    videos = clips(config, 3, seed=5)
+    stops = [chat.end_of_turn_id, chat.eos_id]
+    settings = GenerationSettings(max_new_tokens=10)
+    both = generate(model, collate(prompts, chat.pad_id, "left"), stops, settings, pixel_values=videos)
+    for row, vids in ((0, videos[:1]), (1, videos[1:])):
+        single = generate(model, collate([prompts[row]], chat.pad_id, "left"), stops, settings, pixel_values=vids)[0]
+        got = both[row, : len(single)]
+        assert got.tolist() == single.tolist()
+
+
+STAGES = {
+    "stage1": TrainableConfig(token_mining=True),
+    "stage2-full": TrainableConfig(token_mining=True, llm=True),
+    "frozen": TrainableConfig(),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_trainable_parameter_names_per_stage(model, stage):
+    model.set_trainable(STAGES[stage])
+    trainable = {n.split(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    expected = {name for name, on in vars(STAGES[stage]).items() if on}
+    assert trainable == expected
+
+
+def test_stage1_gradients_reach_only_token_mining(model, chat, config):
+    model.set_trainable(STAGES["stage1"])
+    batch = collate([chat.encode(SAMPLES[0])], chat.pad_id)
+    model(batch.input_ids, batch.attention_mask, batch.labels, pixel_values=clips(config, 1)).loss.backward()
+    with_grad = {n.split(".", 1)[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"token_mining"}
+
+
+def test_generation_settings_are_validated():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationSettings(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationSettings(do_sample=True, temperature=0)
