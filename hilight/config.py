@@ -9,7 +9,6 @@ command lines override single fields with dotted ``key=value`` pairs.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -279,6 +278,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return _coerce(inner[0], value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads "1e-4" (no dot) as a string; accept any float literal
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -336,6 +341,3 @@ def llm_config_from_hf(hf: dict[str, Any]) -> LLMConfig:
 def _first(value: int | list[int]) -> int:
     return value[0] if isinstance(value, list) else value
 
-
-def attention_scale(dim: int) -> float:
-    return 1.0 / math.sqrt(dim)

@@ -82,13 +82,11 @@ def map_keys(state: dict[str, torch.Tensor], fmt: str, source: str) -> dict[str,
     out: dict[str, torch.Tensor] = {}
     unknown, dropped = [], 0
     for name, tensor in state.items():
-        for pattern, target in rules:
-            match = pattern.fullmatch(name)
-            if match:
-                break
-        else:
+        hit = next(((m, t) for p, t in rules if (m := p.fullmatch(name))), None)
+        if hit is None:
             unknown.append(name)
             continue
+        match, target = hit
         if target is DROP:
             dropped += 1
             continue
