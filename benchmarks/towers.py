@@ -1,0 +1,106 @@
+"""Forward time of both vision towers at full ViT-B/16 size (random weights) for one 12-frame
+video, and of CLIP-ViP's proxy-guided attention: HiLight's block-structured SDPA against a
+manual bmm/softmax implementation of the same math (the original's approach).
+
+    .venv/bin/python benchmarks/towers.py [--repeats 5] [--out benchmarks/results/towers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from hilight.config import HiLightConfig
+from hilight.model import clip_vip
+from hilight.model.clip_vip import CLIPViPVideoTower
+from hilight.model.long_clip import LongCLIPImageTower
+
+
+def manual_proxy_attention(q, k, v, num_proxy: int, num_frames: int):
+    """bmm + softmax with the original's layout: proxies over all tokens; per frame, the
+    patches over [proxies (repeated per frame), own patches]."""
+    b, h, s, hd = q.shape
+    m, n = num_proxy, num_frames
+    length = (s - m) // n
+    q = q * hd**-0.5
+    qf, kf, vf = (t.reshape(b * h, s, hd) for t in (q, k, v))
+    proxy = torch.bmm(torch.softmax(torch.bmm(qf[:, :m], kf.transpose(1, 2)), -1), vf)  # [BH, M, hd]
+    qp = qf[:, m:].reshape(b * h * n, length, hd)
+    k_cls = kf[:, :m].repeat_interleave(n, dim=0)  # [BH*N, M, hd]
+    v_cls = vf[:, :m].repeat_interleave(n, dim=0)
+    kp = torch.cat([k_cls, kf[:, m:].reshape(b * h * n, length, hd)], dim=1)
+    vp = torch.cat([v_cls, vf[:, m:].reshape(b * h * n, length, hd)], dim=1)
+    patch = torch.bmm(torch.softmax(torch.bmm(qp, kp.transpose(1, 2)), -1), vp)  # [BH*N, L, hd]
+    out = torch.cat([proxy, patch.reshape(b * h, n * length, hd)], dim=1)
+    return out.view(b, h, s, hd)
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/towers.json"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    cfg = HiLightConfig()
+    frames = cfg.video.num_frames
+    video_tower = CLIPViPVideoTower(cfg.video_tower).eval()
+    image_tower = LongCLIPImageTower(cfg.image_tower).eval()
+    pixels = torch.randn(1, frames, 3, cfg.video.image_size, cfg.video.image_size)
+    vt = cfg.video_tower
+    q, k, v = (torch.randn(1, vt.num_heads, vt.num_tokens(frames), vt.hidden_size // vt.num_heads) for _ in range(3))
+
+    with torch.inference_mode():
+        results = {
+            "video_tower_s": timed(lambda: video_tower(pixels), args.repeats),
+            "image_tower_s": timed(lambda: image_tower(pixels), args.repeats),
+            "attention_sdpa_ms": 1e3 * timed(
+                lambda: clip_vip.proxy_guided_sdpa(q, k, v, vt.num_proxy_tokens, frames), args.repeats * 4),
+            "attention_manual_ms": 1e3 * timed(
+                lambda: manual_proxy_attention(q, k, v, vt.num_proxy_tokens, frames), args.repeats * 4),
+        }
+        results["attention_full_mask_ms"] = 1e3 * timed(
+            lambda: clip_vip.proxy_guided_attention_reference(q, k, v, vt.num_proxy_tokens, frames), args.repeats)
+        with mock.patch.object(clip_vip, "proxy_guided_sdpa", manual_proxy_attention):
+            results["video_tower_manual_attention_s"] = timed(lambda: video_tower(pixels), args.repeats)
+        torch.testing.assert_close(
+            clip_vip.proxy_guided_sdpa(q, k, v, vt.num_proxy_tokens, frames),
+            manual_proxy_attention(q, k, v, vt.num_proxy_tokens, frames), atol=1e-4, rtol=1e-4)
+    results["attention_speedup"] = results["attention_manual_ms"] / results["attention_sdpa_ms"]
+    results["video_tower_speedup"] = results["video_tower_manual_attention_s"] / results["video_tower_s"]
+    results.update(frames=frames, video_tokens=vt.num_tokens(frames), threads=torch.get_num_threads(),
+                   torch=torch.__version__, machine=platform.processor() or platform.machine())
+
+    print(f"one {frames}-frame video, ViT-B/16 at {cfg.video.image_size}px, {results['threads']} threads")
+    print(f"  CLIP-ViP video tower   {results['video_tower_s']:.3f} s  ({results['video_tokens']} tokens)")
+    print(f"  Long-CLIP image tower  {results['image_tower_s']:.3f} s  ({frames} frames in one batch)")
+    print(f"  proxy attention, one layer: SDPA blocks {results['attention_sdpa_ms']:.1f} ms, "
+          f"manual bmm/softmax {results['attention_manual_ms']:.1f} ms -> {results['attention_speedup']:.2f}x")
+    print(f"  (a single masked softmax over all {results['video_tokens']} tokens: "
+          f"{results['attention_full_mask_ms']:.1f} ms)")
+    print(f"  whole video tower with manual attention {results['video_tower_manual_attention_s']:.3f} s "
+          f"-> {results['video_tower_speedup']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
