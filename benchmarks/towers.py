@@ -73,9 +73,9 @@ def main() -> None:
             "video_tower_s": timed(lambda: video_tower(pixels), args.repeats),
             "image_tower_s": timed(lambda: image_tower(pixels), args.repeats),
             "attention_sdpa_ms": 1e3 * timed(
-                lambda: clip_vip.proxy_guided_sdpa(q, k, v, vt.num_proxy_tokens, frames), args.repeats * 4),
+                lambda: clip_vip.proxy_guided_sdpa(q, k, v, vt.num_proxy_tokens, frames), args.repeats * 6),
             "attention_manual_ms": 1e3 * timed(
-                lambda: manual_proxy_attention(q, k, v, vt.num_proxy_tokens, frames), args.repeats * 4),
+                lambda: manual_proxy_attention(q, k, v, vt.num_proxy_tokens, frames), args.repeats * 6),
         }
         results["attention_full_mask_ms"] = 1e3 * timed(
             lambda: clip_vip.proxy_guided_attention_reference(q, k, v, vt.num_proxy_tokens, frames), args.repeats)

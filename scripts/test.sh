@@ -2,6 +2,6 @@
 # Set up (if needed) and run the default test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --test 2> >(grep -v "^WARNING: Location" >&2)
+bash scripts/setup.sh --test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m pytest -q "$@"

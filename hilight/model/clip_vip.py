@@ -89,10 +89,11 @@ def proxy_guided_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pro
         # keys/values of frame i = [proxies, patches of frame i]
         proxies = t[:, :, :m].unsqueeze(2).expand(b, h, n, m, hd)  # [B, H, N, M, hd]
         patches = t[:, :, m:].reshape(b, h, n, length, hd)  # [B, H, N, L, hd]
-        return torch.cat([proxies, patches], dim=3)  # [B, H, N, M+L, hd]
+        return torch.cat([proxies, patches], dim=3).reshape(b, h * n, m + length, hd)  # [B, H*N, M+L, hd]
 
-    q_patch = q[:, :, m:].reshape(b, h, n, length, hd)  # [B, H, N, L, hd]
-    patch_out = F.scaled_dot_product_attention(q_patch, frame_blocks(k), frame_blocks(v))  # [B, H, N, L, hd]
+    # 4-D inputs reach the fused CPU kernel; 5-D ones fall back to the slower math path
+    q_patch = q[:, :, m:].reshape(b, h * n, length, hd)  # [B, H*N, L, hd]
+    patch_out = F.scaled_dot_product_attention(q_patch, frame_blocks(k), frame_blocks(v))  # [B, H*N, L, hd]
     return torch.cat([proxy_out, patch_out.reshape(b, h, n * length, hd)], dim=2)
 
 
