@@ -105,6 +105,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.answer == report.reloaded_answer else 1
 
 
+def cmd_frames(args: argparse.Namespace) -> int:
+    """Contact sheet of the frames the model would see."""
+    from hilight.config import VideoInputConfig
+    from hilight.video import contact_sheet
+
+    cfg = VideoInputConfig(num_frames=args.num_frames, image_size=args.image_size, sampling=args.sampling,
+                           sample_fps=args.fps, resize=args.resize)
+    out = args.out or Path(f"{Path(args.video).stem}-frames.png")
+    contact_sheet(args.video, cfg).save(out)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -130,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("frames", help="contact sheet (PNG) of the frames sampled from a video")
+    p.add_argument("video", help="a video or image file")
+    p.add_argument("--out", type=Path, help="output PNG (default: VIDEO-frames.png here)")
+    p.add_argument("--num-frames", type=int, default=12)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--sampling", choices=["uniform", "midpoint", "fps"], default="uniform")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second for --sampling fps")
+    p.add_argument("--resize", choices=["squash", "center_crop"], default="squash")
+    p.set_defaults(func=cmd_frames)
 
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")

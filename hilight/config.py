@@ -132,12 +132,22 @@ class LLMConfig:
 
 @dataclass
 class VideoInputConfig:
-    """How a video file becomes the towers' input tensor."""
+    """How a video file becomes the towers' input tensor.
+
+    ``sampling``: ``uniform`` is the original's ``linspace(0, n - 1, T)``; ``midpoint`` takes
+    the middle frame of T equal segments; ``fps`` takes T frames ``1 / sample_fps`` seconds
+    apart around the middle of the clip. ``resize``: ``squash`` (the original) resizes straight
+    to S x S; ``center_crop`` keeps the aspect ratio (short side to S, then a centre crop).
+    """
 
     num_frames: int = 12
     image_size: int = 224
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    sampling: Literal["uniform", "midpoint", "fps"] = "uniform"
+    sample_fps: float = 2.0
+    resize: Literal["squash", "center_crop"] = "squash"
+    max_decode_seconds: float = 60.0  # a file that takes longer is refused, never a hang
 
 
 @dataclass

@@ -1,14 +1,25 @@
-"""Video files to model-ready frames (PyAV), and frames back to video files.
+"""Video files to model-ready frames (PyAV / FFmpeg), and frames back to video files.
 
-``load_video(path, cfg)`` returns float32 ``[T, 3, S, S]``: T frames at the original's
-indices ``linspace(0, n - 1, T)`` (truncated), resized straight to S x S with antialiased
-bicubic interpolation and normalised with the CLIP mean/std. Every failure is a
-:class:`VideoError` whose one-line message names the file and the reason.
+``load_video(path, cfg)`` returns float32 ``[T, 3, S, S]`` for any container FFmpeg reads
+(mp4, mov, mkv, webm, avi, animated GIF) and for still images (one frame, repeated):
+
+1. One cheap demux pass (no decoding) lists every frame's presentation timestamp and the
+   keyframes, so the frame count comes from the stream itself, not container metadata.
+2. T frames are chosen (the original's ``linspace(0, n - 1, T)`` by default).
+3. They are decoded either by seeking to the keyframe before each target and decoding forward,
+   or by one sequential pass, whichever a cost model says decodes fewer frames.
+4. Large frames are scaled by FFmpeg while decoding; display rotation (phone videos) is applied.
+5. Antialiased bicubic resize to S x S and CLIP normalisation, as the original.
+
+Every failure is a :class:`VideoError` whose one-line message names the file and the reason.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,6 +32,10 @@ from hilight.config import VideoInputConfig
 
 log = logging.getLogger(__name__)
 
+MAX_PIXELS = 8192 * 8192  # larger frames are refused as absurd
+SEEK_COST = 8  # a seek costs about as much as decoding this many frames
+PRESCALE_FACTOR = 2  # FFmpeg shrinks frames larger than 2x this factor of S down to this factor x S
+
 
 class VideoError(Exception):
     """A video cannot be read; ``str(err)`` is ``"<path>: <reason>"``."""
@@ -31,10 +46,53 @@ class VideoError(Exception):
         self.reason = reason
 
 
+@dataclass
+class DecodedVideo:
+    frames: np.ndarray  # uint8 [T, H, W, 3] RGB, rotation applied
+    timestamps: list[float]  # seconds, one per sampled frame
+    indices: list[int]  # frame numbers in presentation order
+    total_frames: int
+    duration: float  # seconds
+    strategy: str  # "seek" or "sequential"
+
+
+@dataclass
+class FrameIndex:
+    """Presentation timestamps of every frame (sorted) and of the keyframes, from demuxing."""
+
+    pts: list[int]
+    keyframes: list[int]
+    time_base: Fraction
+
+    def seconds(self, pts: int) -> float:
+        return float((pts - self.pts[0]) * self.time_base)
+
+
 def sample_indices(num_available: int, num_frames: int) -> list[int]:
     """The original's rule: ``linspace(0, n - 1, T)`` truncated to int (first and last frame
     included; short clips repeat frames)."""
     return np.linspace(0, num_available - 1, num_frames).astype(int).tolist()
+
+
+def choose_frames(index: FrameIndex, cfg: VideoInputConfig) -> list[int]:
+    """Indices (into ``index.pts``) of the T frames to show the model."""
+    n, t = len(index.pts), cfg.num_frames
+    if cfg.sampling == "uniform":
+        return sample_indices(n, t)
+    if cfg.sampling == "midpoint":
+        return [min(n - 1, int((k + 0.5) * n / t)) for k in range(t)]
+    # fps: T frames 1/fps apart, centred on the middle of the clip, nearest frame by time
+    times = [index.seconds(p) for p in index.pts]
+    span = (t - 1) / cfg.sample_fps
+    if span >= times[-1]:
+        return sample_indices(n, t)  # the clip is shorter than the window: spread over it all
+    start = (times[-1] - span) / 2
+    chosen = []
+    for k in range(t):
+        target = start + k / cfg.sample_fps
+        i = bisect.bisect_left(times, target)
+        chosen.append(min((j for j in (i - 1, i) if 0 <= j < n), key=lambda j: abs(times[j] - target)))
+    return chosen
 
 
 def _open(path: Path) -> av.container.InputContainer:
@@ -45,78 +103,247 @@ def _open(path: Path) -> av.container.InputContainer:
     if path.stat().st_size == 0:
         raise VideoError(path, "empty file (0 bytes)")
     try:
-        return av.open(str(path))
+        return av.open(str(path), timeout=10.0)
     except av.FFmpegError as exc:
-        raise VideoError(path, f"not a readable media file ({exc.strerror or exc.__class__.__name__})") from None
+        raise VideoError(path, f"not a readable media file ({_why(exc)})") from None
 
 
-def read_frames(path: str | Path, num_frames: int) -> tuple[np.ndarray, list[float]]:
-    """Decode the sampled frames: uint8 ``[T, H, W, 3]`` RGB and their timestamps in seconds."""
+def _why(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or exc.__class__.__name__
+
+
+class _Deadline:
+    def __init__(self, path: Path, seconds: float):
+        self.path, self.seconds, self.end = path, seconds, time.monotonic() + seconds
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise VideoError(self.path, f"decoding took longer than {self.seconds:g} s; refused")
+
+
+def _index_frames(container, stream, path: Path, deadline: _Deadline) -> FrameIndex:
+    pts, keys = [], []
+    try:
+        for packet in container.demux(stream):
+            deadline.check()
+            if not packet.size:
+                continue  # end-of-stream flush packet
+            if packet.pts is None:
+                raise VideoError(path, "frames without timestamps are not supported")
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                keys.append(packet.pts)
+    except av.FFmpegError as exc:
+        if not pts:
+            raise VideoError(path, f"corrupt or truncated data ({_why(exc)})") from None
+        log.warning("%s: the stream is cut short after %d frames (%s)", path, len(pts), _why(exc))
+    if not pts:
+        raise VideoError(path, "the video stream holds no frames")
+    pts.sort()
+    keys.sort()
+    if not keys or keys[0] > pts[0]:
+        keys.insert(0, pts[0])  # decoding can always start from the first frame
+    return FrameIndex(pts, keys, stream.time_base or Fraction(1, 1))
+
+
+def _plan_cost(index: FrameIndex, targets: list[int]) -> tuple[int, int]:
+    """Frames decoded by (seeking, sequential) for the sorted unique ``targets``."""
+    seek_cost, pos = 0, None
+    for i in targets:
+        k = bisect.bisect_right(index.keyframes, index.pts[i]) - 1
+        start = bisect.bisect_left(index.pts, index.keyframes[k])
+        if pos is not None and pos <= i and i - pos <= i - start + SEEK_COST:
+            seek_cost += i - pos  # keep decoding forward
+        else:
+            seek_cost += SEEK_COST + i - start + 1
+        pos = i + 1
+    return seek_cost, targets[-1] + 1
+
+
+def _target_size(width: int, height: int, cfg: VideoInputConfig) -> tuple[int, int] | None:
+    """Size FFmpeg should scale a frame to while decoding, or None to keep it."""
+    s = cfg.image_size * PRESCALE_FACTOR
+    if cfg.resize == "squash":
+        if max(width, height) <= 2 * s:
+            return None
+        return min(width, s), min(height, s)
+    short = min(width, height)
+    if short <= 2 * s:
+        return None
+    return round(width * s / short), round(height * s / short)
+
+
+def _to_rgb(frame: av.VideoFrame, cfg: VideoInputConfig) -> np.ndarray:
+    size = _target_size(frame.width, frame.height, cfg)
+    if size is None:
+        image = frame.to_ndarray(format="rgb24")
+    else:
+        image = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_ndarray()
+    rotation = int(round((frame.rotation or 0) / 90)) % 4
+    return np.ascontiguousarray(np.rot90(image, k=rotation)) if rotation else image
+
+
+def _video_stream(container, path: Path):
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams})
+        raise VideoError(path, f"no video stream (only {', '.join(kinds)})" if kinds else "no video stream")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width <= 0 or height <= 0 or width * height > MAX_PIXELS:
+        raise VideoError(path, f"absurd frame size {width}x{height}")
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _decode_sequential(container, stream, wanted: set[int], last: int, cfg, deadline) -> dict[int, tuple]:
+    """Decode from the start; frame i of the output is the i-th in presentation order.
+    On a decode error the frames decoded so far are kept (partially corrupt files)."""
+    got = {}
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            deadline.check()
+            if i in wanted:
+                got[i] = (_to_rgb(frame, cfg), frame.pts)
+            if i >= last:
+                break
+    except av.FFmpegError as exc:
+        log.warning("%s: decoding stopped early (%s); keeping %d frame(s)", deadline.path, _why(exc), len(got))
+    return got
+
+
+def _decode_seeking(container, stream, index: FrameIndex, targets: list[int], cfg, deadline) -> dict[int, tuple]:
+    got: dict[int, tuple] = {}
+    frames = None
+    pos = None  # index of the next frame the open decoder will produce
+    for i in targets:
+        k = bisect.bisect_right(index.keyframes, index.pts[i]) - 1
+        start = bisect.bisect_left(index.pts, index.keyframes[k])
+        if frames is None or pos is None or pos > i or i - pos > i - start + SEEK_COST:
+            container.seek(index.keyframes[k], stream=stream, backward=True)
+            frames = container.decode(stream)
+        for frame in frames:
+            deadline.check()
+            if frame.pts is None or frame.pts < index.pts[i]:
+                continue
+            got[i] = (_to_rgb(frame, cfg), frame.pts)
+            pos = bisect.bisect_right(index.pts, frame.pts)
+            break
+        else:
+            frames, pos = None, None
+    return got
+
+
+def decode_video(path: str | Path, cfg: VideoInputConfig, strategy: str = "auto") -> DecodedVideo:
+    """Decode the T sampled frames of ``path`` (uint8 RGB, maybe pre-scaled by FFmpeg).
+
+    ``strategy`` is ``auto`` (cheapest by the cost model), ``seek`` or ``sequential``.
+    """
     path = Path(path)
+    deadline = _Deadline(path, cfg.max_decode_seconds)
     with _open(path) as container:
-        if not container.streams.video:
-            raise VideoError(path, "no video stream")
-        stream = container.streams.video[0]
-        got: dict[int, tuple[np.ndarray, float]] = {}
+        stream = _video_stream(container, path)
+        index = _index_frames(container, stream, path, deadline)
+    chosen = choose_frames(index, cfg)
+    targets = sorted(set(chosen))
+    seek_cost, seq_cost = _plan_cost(index, targets)
+    if strategy == "auto":
+        strategy = "seek" if seek_cost < seq_cost else "sequential"
+    got: dict[int, tuple] = {}
+    if strategy == "seek":
         try:
-            # counted from the packets actually present, not from container metadata
-            total = sum(1 for p in container.demux(stream) if p.size)
-            if total == 0:
-                raise VideoError(path, "no video frames")
-            wanted = sample_indices(total, num_frames)
-            keep = set(wanted)
-            container.seek(0, stream=stream)
-            stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
-                if i in keep:
-                    seconds = float(frame.time) if frame.time is not None else i / float(stream.average_rate or 1)
-                    got[i] = (frame.to_ndarray(format="rgb24"), seconds)
-                if i >= wanted[-1]:
-                    break
+            with _open(path) as container:
+                got = _decode_seeking(container, _video_stream(container, path), index, targets, cfg, deadline)
         except av.FFmpegError as exc:
-            if not got:
-                reason = exc.strerror or exc.__class__.__name__
-                raise VideoError(path, f"corrupt or undecodable video ({reason})") from None
-            log.warning("%s: decoding stopped early (%s); using the frames decoded so far", path, exc)
+            log.warning("%s: seeking failed (%s); decoding sequentially", path, _why(exc))
+            strategy = "sequential"
+    if strategy == "sequential":
+        with _open(path) as container:
+            got = _decode_sequential(container, _video_stream(container, path), set(targets), targets[-1],
+                                     cfg, deadline)
     if not got:
-        raise VideoError(path, "no decodable frames")
-    if len(got) < len(keep):
-        log.warning("%s: %d of %d sampled frames could not be decoded; repeating neighbours", path,
-                    len(keep) - len(got), len(keep))
+        raise VideoError(path, "no frame could be decoded (corrupt data or unsupported codec)")
+    missing = [i for i in targets if i not in got]
+    if missing:
+        log.warning("%s: %d of %d sampled frames could not be decoded; using their nearest neighbours",
+                    path, len(missing), len(targets))
     decoded = sorted(got)
-    frames, times = [], []
-    for idx in wanted:
-        nearest = min(decoded, key=lambda d: (abs(d - idx), d))
-        frames.append(got[nearest][0])
-        times.append(got[nearest][1])
-    return np.stack(frames), times
+    picks = [min(decoded, key=lambda d: (abs(d - i), d)) for i in chosen]
+    return DecodedVideo(
+        frames=np.stack([got[d][0] for d in picks]),
+        timestamps=[index.seconds(index.pts[d] if got[d][1] is None else got[d][1]) for d in picks],
+        indices=picks,
+        total_frames=len(index.pts),
+        duration=index.seconds(index.pts[-1]),
+        strategy=strategy,
+    )
 
 
 def preprocess(frames: np.ndarray, cfg: VideoInputConfig) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> normalised float32 ``[T, 3, S, S]`` (aspect not preserved,
-    as in the original)."""
+    """uint8 ``[T, H, W, 3]`` -> normalised float32 ``[T, 3, S, S]``."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
-    x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bicubic", antialias=True, align_corners=False)
+    s = cfg.image_size
+    if cfg.resize == "squash":
+        size = (s, s)  # the original: aspect ratio not preserved
+    else:
+        h, w = x.shape[-2:]
+        size = (max(s, round(h * s / min(h, w))), max(s, round(w * s / min(h, w))))
+    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    if cfg.resize == "center_crop":
+        top, left = (x.shape[-2] - s) // 2, (x.shape[-1] - s) // 2
+        x = x[..., top:top + s, left:left + s]
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
+def to_uint8(pixels: torch.Tensor, cfg: VideoInputConfig) -> np.ndarray:
+    """Undo :func:`preprocess` normalisation: ``[T, 3, S, S]`` -> uint8 ``[T, S, S, 3]``."""
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    x = (pixels * std + mean).clamp(0, 1) * 255
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def load_video(path: str | Path, cfg: VideoInputConfig) -> torch.Tensor:
-    """A video file as the towers' input ``[T, 3, S, S]``."""
-    frames, _ = read_frames(path, cfg.num_frames)
-    return preprocess(frames, cfg)
+    """A video (or image) file as the towers' input ``[T, 3, S, S]``."""
+    return preprocess(decode_video(path, cfg).frames, cfg)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 10, codec: str = "libx264") -> Path:
-    """Encode uint8 ``[N, H, W, 3]`` RGB frames (even H and W for H.264) to ``path``."""
+def contact_sheet(path: str | Path, cfg: VideoInputConfig, columns: int = 4):
+    """A PIL image of the sampled frames exactly as the model sees them (after resizing),
+    each labelled with its frame number and timestamp."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    decoded = decode_video(path, cfg)
+    frames = to_uint8(preprocess(decoded.frames, cfg), cfg)  # [T, S, S, 3]
+    tile, label, gap = max(cfg.image_size, 160), 22, 6
+    rows = -(-len(frames) // columns)
+    sheet = Image.new("RGB", (columns * (tile + gap) + gap, rows * (tile + label) + label), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=14)
+    draw.text((4, 3), f"{Path(path).name}: {decoded.total_frames} frames, {decoded.duration:.2f} s, "
+                      f"{cfg.sampling} sampling, {decoded.strategy} decode", fill="black", font=font)
+    for k, (image, idx, ts) in enumerate(zip(frames, decoded.indices, decoded.timestamps, strict=True)):
+        x, y = gap + (k % columns) * (tile + gap), label + (k // columns) * (tile + label)
+        sheet.paste(Image.fromarray(image).resize((tile, tile), Image.NEAREST), (x, y))
+        draw.text((x + 4, y + tile + 3), f"#{idx}  t={ts:.2f}s", fill="black", font=font)
+    return sheet
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 10, codec: str = "libx264",
+                pix_fmt: str = "yuv420p", options: dict[str, str] | None = None,
+                container_options: dict[str, str] | None = None) -> Path:
+    """Encode uint8 ``[N, H, W, 3]`` RGB frames to ``path`` (the container follows the suffix).
+    ``options`` go to the encoder, ``container_options`` to the muxer (e.g. ``movflags``)."""
     path = Path(path)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps))
+    with av.open(str(path), mode="w", options=container_options or {}) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         if codec == "libx264":
-            stream.options = {"preset": "veryfast", "crf": "18"}
+            stream.options = {"preset": "veryfast", "crf": "18", **(options or {})}
+        elif options:
+            stream.options = options
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
