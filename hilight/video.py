@@ -190,7 +190,7 @@ def _video_stream(container, path: Path):
     stream = container.streams.video[0]
     width, height = stream.codec_context.width, stream.codec_context.height
     if width <= 0 or height <= 0 or width * height > MAX_PIXELS:
-        raise VideoError(path, f"absurd frame size {width}x{height}")
+        raise VideoError(path, f"frame size {width}x{height} is invalid or absurdly large")
     stream.thread_type = "AUTO"
     return stream
 

@@ -1,4 +1,6 @@
 import logging
+import struct
+import zlib
 from fractions import Fraction
 
 import av
@@ -230,6 +232,16 @@ def _audio_only(tmp_path):
     return path
 
 
+def _huge_png(directory):
+    """A PNG header claiming 60000 x 60000 pixels (3.6 gigapixels) over a few bytes of data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    return _write(directory / "huge.png", data + chunk(b"IEND", b""))
+
+
 BAD = {
     "missing": (lambda d: d / "missing.mp4", "no such file"),
     "zero bytes": (lambda d: (d / "zero.mp4").write_bytes(b"") and None or d / "zero.mp4", "empty file"),
@@ -238,6 +250,7 @@ BAD = {
     "truncated, index at the end": (lambda d: _truncated(d, faststart=False), "not a readable"),
     "audio only": (_audio_only, "no video stream (only audio)"),
     "directory": (lambda d: d, "not a regular file"),
+    "absurd size": (_huge_png, "invalid or absurdly large"),
 }
 
 
