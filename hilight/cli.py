@@ -118,6 +118,69 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Generate the synthetic billiards video-QA dataset."""
+    import time
+
+    from hilight.synth.billiards import TableConfig
+    from hilight.synth.dataset import generate_split, split_sizes
+
+    sizes = split_sizes(args.videos) if args.split == "all" else {args.split: args.videos}
+    cfg = TableConfig(image_size=args.image_size, stripes=args.stripes)
+    for split, n in sizes.items():
+        start = time.perf_counter()
+        files = generate_split(args.out, split, n, args.seed, cfg, workers=args.workers)
+        took = time.perf_counter() - start
+        print(f"{split}: {files.clips} clips, {files.records} records -> {files.conversations} "
+              f"({took:.1f} s, {took / max(1, n):.2f} s per clip)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """A randomly initialised model from a preset, with a tokenizer, as a checkpoint."""
+    import json
+
+    import torch
+
+    from hilight.checkpoint import save_checkpoint
+    from hilight.config import apply_overrides, preset
+    from hilight.model import HiLight
+    from hilight.text import from_llava
+    from hilight.tokenizer import DEMO_CORPUS, load_tokenizer, train_tokenizer
+
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        texts = list(DEMO_CORPUS)
+        for path in args.train_tokenizer or []:
+            for record in json.loads(Path(path).read_text()):
+                texts += [m.content.replace("<video>", " ") for m in from_llava(record["conversations"])]
+                texts += [record["caption"]] if "caption" in record else []
+        tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
+    config = apply_overrides(preset(args.preset), [f"llm.vocab_size={len(tokenizer)}", *(args.set or [])])
+    torch.manual_seed(args.seed)
+    model = HiLight(config)
+    save_checkpoint(model, args.out, tokenizer)
+    print(f"wrote {args.out}: preset {args.preset}, {model.parameter_counts()['total']:,} parameters, "
+          f"vocabulary {len(tokenizer)} (random weights)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Judge-free evaluation with per-type accuracy and baselines."""
+    from hilight.engine import Engine, GenerationSettings
+    from hilight.eval import evaluate, markdown
+
+    engine = Engine.from_checkpoint(args.model)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    result = evaluate(engine, args.data, args.videos, args.out, settings, batch_size=args.batch_size,
+                      blind=not args.no_blind, limit=args.limit, title=f"{Path(args.model).name} on {args.data.name}")
+    print(markdown(result, f"{Path(args.model).name} on {args.data}"))
+    if args.out:
+        print(f"report: {args.out / 'report.md'}, {args.out / 'report.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -153,6 +216,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=2.0, help="frames per second for --sampling fps")
     p.add_argument("--resize", choices=["squash", "center_crop"], default="squash")
     p.set_defaults(func=cmd_frames)
+
+    p = sub.add_parser("synth", help="generate a synthetic video-QA dataset")
+    p.add_argument("kind", choices=["billiards"])
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--videos", type=int, default=1000, help="number of clips (split 80/10/10 unless --split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--stripes", action="store_true", help="make about half the object balls striped")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("init", help="a randomly initialised checkpoint from a preset (training starting point)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--tokenizer", type=Path, help="an existing tokenizer directory (e.g. Gemma's)")
+    group.add_argument("--train-tokenizer", type=Path, nargs="*", metavar="DATA.json",
+                       help="train a byte-level BPE on the text of these LLaVA-style / caption JSON files")
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("eval", help="judge-free evaluation on a video-QA JSON")
+    p.add_argument("--model", required=True, help="a HiLight checkpoint directory")
+    p.add_argument("--data", type=Path, required=True, help="LLaVA-style JSON (billiards records carry 'meta')")
+    p.add_argument("--videos", type=Path, required=True, help="directory the records' video names are under")
+    p.add_argument("--out", type=Path, help="write report.json, report.md and accuracy.png here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-blind", action="store_true", help="skip the video-removed baseline")
+    p.add_argument("--limit", type=int, help="only the first N items")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")

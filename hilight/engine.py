@@ -7,12 +7,17 @@ UI, API server, evaluation) goes through this module.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from hilight.model import HiLight
-from hilight.text import Batch
+from hilight.text import Batch, ChatTokenizer, Message, collate
+from hilight.video import load_video
 
 
 @dataclass
@@ -70,3 +75,66 @@ def generate(
         streamer=streamer,
         **sampling,
     )
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content: the identity of a video, whatever its name."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Engine:
+    """A loaded model plus its tokenizer, with per-video embeddings cached by content hash.
+
+    Each video is decoded and encoded once (towers + TokenMining); later questions about it,
+    in any conversation, reuse the embeddings.
+    """
+
+    def __init__(self, model: HiLight, tokenizer, cache_size: int = 64):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.chat = ChatTokenizer(tokenizer, model.config.tokens_per_video)
+        self.stop_ids = [self.chat.end_of_turn_id, self.chat.eos_id]
+        self.cache_size = cache_size
+        self._videos: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Engine:
+        from hilight.checkpoint import load_checkpoint
+
+        model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
+        return cls(model, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.llm.parameters()).device
+
+    @torch.inference_mode()
+    def video_embeddings(self, path: str | Path) -> torch.Tensor:
+        """TokenMining output [T*Q, D] for one video file (cached by content hash)."""
+        key = file_digest(path)
+        if key in self._videos:
+            self._videos.move_to_end(key)
+            return self._videos[key]
+        pixels = load_video(path, self.model.config.video).unsqueeze(0).to(self.device)
+        embeds = self.model.video_embeddings(self.model.encode_videos(pixels))[0]
+        self._videos[key] = embeds
+        if len(self._videos) > self.cache_size:
+            self._videos.popitem(last=False)
+        return embeds
+
+    def answer_batch(
+        self, prompts: Sequence[tuple[Sequence[Message], Sequence[str | Path]]], settings: GenerationSettings | None = None
+    ) -> list[str]:
+        """Answers for several (conversation ending in a user turn, its videos) prompts at once."""
+        encoded = [self.chat.encode(messages, generation=True, max_length=self.model.config.text.max_length)
+                   for messages, _ in prompts]
+        videos = [self.video_embeddings(v) for _, paths in prompts for v in paths]
+        embeds = torch.stack(videos) if videos else None
+        batch = collate(encoded, self.chat.pad_id, padding_side="left")
+        out = generate(self.model, batch, self.stop_ids, settings, video_embeds=embeds)
+        return [self.chat.decode(row.tolist()).strip() for row in out]
+
+    def answer(self, messages: Sequence[Message], videos: Sequence[str | Path] = (),
+               settings: GenerationSettings | None = None) -> str:
+        return self.answer_batch([(messages, videos)], settings)[0]

@@ -1,0 +1,233 @@
+"""Judge-free evaluation of a HiLight model on video-QA JSON.
+
+Every model turn of every record is one item: the conversation up to that question (earlier
+answers are the reference ones) with its videos, answered with greedy decoding. Records with
+``meta`` (the billiards generator writes it) are scored by :mod:`hilight.scoring`'s extractor
+for their question type; others by exact match and token F1 against the reference answer.
+Baselines on the same items: the majority answer per question type, and the same model with
+the videos removed from the prompt ("blind").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from hilight.engine import Engine, GenerationSettings
+from hilight.scoring import exact_match, extract, token_f1
+from hilight.synth.qa import KINDS
+from hilight.text import VIDEO_TOKEN, ConversationError, Message, from_llava
+from hilight.video import VideoError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    id: str
+    messages: list[Message]
+    videos: list[Path]
+    reference: str
+    qtype: str | None = None
+    truth: str | None = None
+    answer: str = ""
+    blind_answer: str | None = None  # set when the blind baseline ran
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str | None:
+        return KINDS.get(self.qtype) if self.qtype else None
+
+
+def load_items(data: Path, videos: Path) -> tuple[list[Item], list[str]]:
+    """Items from a LLaVA-style JSON; malformed records are reported and skipped."""
+    try:
+        records = json.loads(Path(data).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{data}: cannot read JSON ({exc})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{data}: expected a list of records")
+    items, problems = [], []
+    for n, rec in enumerate(records):
+        rid = str(rec.get("id", n)) if isinstance(rec, dict) else str(n)
+        try:
+            messages = from_llava(rec["conversations"])
+            paths = rec.get("video") or []
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            if sum(m.content.count(VIDEO_TOKEN) for m in messages) != len(paths):
+                raise ConversationError(f"{len(paths)} video(s) but a different number of {VIDEO_TOKEN} markers")
+            meta = rec.get("meta") or {}
+            for k in range(1, len(messages), 2):
+                turn = k // 2
+                items.append(Item(
+                    id=f"{rid}#{turn}" if len(messages) > 2 else rid, messages=messages[:k],
+                    videos=[videos / p for p in paths], reference=messages[k].content,
+                    qtype=meta["types"][turn] if meta else None, truth=meta["truth"][turn] if meta else None))
+        except (KeyError, TypeError, IndexError, ConversationError) as exc:
+            problems.append(f"record {rid}: {exc}")
+    return items, problems
+
+
+def _blind(messages: list[Message]) -> list[Message]:
+    return [Message(m.role, m.content.replace(VIDEO_TOKEN, "").strip()) for m in messages]
+
+
+def run(engine: Engine, items: list[Item], settings: GenerationSettings, batch_size: int = 8,
+        blind: bool = True) -> dict[str, str]:
+    """Fill in ``answer`` (and ``blind_answer``); returns {item id: reason} for items whose
+    videos could not be read."""
+    failed: dict[str, str] = {}
+    todo = sorted(items, key=lambda it: (len(it.videos), sum(len(m.content) for m in it.messages)))
+    for start in tqdm(range(0, len(todo), batch_size), desc="evaluating", unit="batch"):
+        chunk = todo[start:start + batch_size]
+        ok = []
+        for it in chunk:  # decode the videos first so one bad file only drops its own items
+            try:
+                for v in it.videos:
+                    engine.video_embeddings(v)
+                ok.append(it)
+            except VideoError as exc:
+                failed[it.id] = str(exc)
+        if not ok:
+            continue
+        for it, ans in zip(ok, engine.answer_batch([(it.messages, it.videos) for it in ok], settings), strict=True):
+            it.answer = ans
+        if blind:
+            answers = engine.answer_batch([(_blind(it.messages), []) for it in ok], settings)
+            for it, ans in zip(ok, answers, strict=True):
+                it.blind_answer = ans
+    return failed
+
+
+def _accuracy(hits: list[bool]) -> float:
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def report(items: list[Item], failed: dict[str, str], problems: list[str]) -> dict:
+    """Per-type accuracy with majority and blind baselines, colour confusion, and the
+    unparseable answers; or exact match / token F1 for items without a question type."""
+    typed = [it for it in items if it.qtype and it.answer is not None]
+    untyped = [it for it in items if not it.qtype]
+    out: dict = {"items": len(items), "failed": failed, "skipped_records": problems}
+    if typed:
+        majority = {t: Counter(it.truth for it in typed if it.qtype == t).most_common(1)[0][0]
+                    for t in {it.qtype for it in typed}}
+        per_type: dict[str, dict] = {}
+        groups: dict[str, list[Item]] = defaultdict(list)
+        for it in typed:
+            groups[it.qtype].append(it)
+        confusion: dict[str, Counter] = defaultdict(Counter)
+        unparseable = []
+        for qtype, group in sorted(groups.items()):
+            preds = [extract(it.kind, it.answer) for it in group]
+            blind = ([extract(it.kind, it.blind_answer) for it in group]
+                     if group[0].blind_answer is not None else None)
+            per_type[qtype] = {
+                "n": len(group), "kind": group[0].kind,
+                "accuracy": _accuracy([p == it.truth for p, it in zip(preds, group, strict=True)]),
+                "majority_answer": majority[qtype],
+                "majority": _accuracy([majority[qtype] == it.truth for it in group]),
+            }
+            if blind is not None:
+                per_type[qtype]["blind"] = _accuracy([p == it.truth for p, it in zip(blind, group, strict=True)])
+            for p, it in zip(preds, group, strict=True):
+                if p is None:
+                    unparseable.append({"id": it.id, "type": qtype, "answer": it.answer})
+                if group[0].kind == "colour":
+                    confusion[it.truth][p or "unparseable"] += 1
+        out["per_type"] = per_type
+        out["confusion_colour"] = {t: dict(c) for t, c in sorted(confusion.items())}
+        out["unparseable"] = unparseable
+        for name, select in (("single_video", lambda it: len(it.videos) == 1), ("two_video", lambda it: len(it.videos) == 2),
+                             ("overall", lambda it: True)):
+            chosen = [it for it in typed if select(it)]
+            if not chosen:
+                continue
+            row = {"n": len(chosen),
+                   "accuracy": _accuracy([extract(it.kind, it.answer) == it.truth for it in chosen]),
+                   "majority": _accuracy([majority[it.qtype] == it.truth for it in chosen])}
+            if chosen[0].blind_answer is not None:
+                row["blind"] = _accuracy([extract(it.kind, it.blind_answer) == it.truth for it in chosen])
+            out[name] = row
+    if untyped:
+        out["reference"] = {
+            "n": len(untyped),
+            "exact_match": _accuracy([exact_match(it.answer, it.reference) for it in untyped]),
+            "token_f1": sum(token_f1(it.answer, it.reference) for it in untyped) / len(untyped),
+        }
+    out["answers"] = [{"id": it.id, "type": it.qtype, "truth": it.truth, "reference": it.reference,
+                       "answer": it.answer, "blind_answer": it.blind_answer} for it in items]
+    return out
+
+
+def markdown(result: dict, title: str) -> str:
+    lines = [f"# {title}", ""]
+    for name in ("single_video", "two_video", "overall"):
+        if name in result:
+            r = result[name]
+            blind = f", blind {r['blind']:.1%}" if "blind" in r else ""
+            lines.append(f"- **{name.replace('_', ' ')}**: {r['accuracy']:.1%} of {r['n']} "
+                         f"(majority {r['majority']:.1%}{blind})")
+    if "per_type" in result:
+        lines += ["", "| question type | kind | n | accuracy | blind | majority (answer) |", "|---|---|---|---|---|---|"]
+        for qtype, r in result["per_type"].items():
+            blind = f"{r['blind']:.1%}" if "blind" in r else "-"
+            lines.append(f"| {qtype} | {r['kind']} | {r['n']} | {r['accuracy']:.1%} | {blind} | "
+                         f"{r['majority']:.1%} ({r['majority_answer']}) |")
+        lines += ["", f"Unparseable answers: {len(result['unparseable'])} (listed in report.json)."]
+    if "reference" in result:
+        r = result["reference"]
+        lines += ["", f"Reference answers: exact match {r['exact_match']:.1%}, token F1 {r['token_f1']:.3f} "
+                      f"over {r['n']} items."]
+    if result["failed"] or result["skipped_records"]:
+        lines += ["", f"Failed items: {len(result['failed'])}; skipped records: {len(result['skipped_records'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_type = result["per_type"]
+    names = list(per_type)
+    series = [("model", "accuracy", "#2b6cb0"), ("blind", "blind", "#a0aec0"), ("majority", "majority", "#ed8936")]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.1), 4))
+    width = 0.8 / len(series)
+    for k, (label, key, colour) in enumerate(series):
+        values = [per_type[n].get(key, 0) for n in names]
+        ax.bar([i + (k - 1) * width for i in range(len(names))], values, width, label=label, color=colour)
+    ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate(engine: Engine, data: Path, videos: Path, out: Path | None, settings: GenerationSettings,
+             batch_size: int = 8, blind: bool = True, limit: int | None = None, title: str = "HiLight evaluation") -> dict:
+    items, problems = load_items(data, videos)
+    for p in problems:
+        log.warning("%s: %s", data, p)
+    if limit:
+        items = items[:limit]
+    failed = run(engine, items, settings, batch_size, blind)
+    for item_id, reason in failed.items():
+        log.warning("skipped %s: %s", item_id, reason)
+    result = report([it for it in items if it.id not in failed], failed, problems)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "report.md").write_text(markdown(result, title))
+        if "per_type" in result:
+            bar_chart(result, out / "accuracy.png", title)
+    return result

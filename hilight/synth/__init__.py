@@ -1,0 +1,1 @@
+"""Synthetic datasets: procedurally generated clips with exact ground truth."""

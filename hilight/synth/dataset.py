@@ -1,0 +1,133 @@
+"""Write a synthetic billiards video-QA dataset: clips, ground truth, conversations, captions.
+
+Layout of ``OUT``::
+
+    videos/{split}-{i:05d}.mp4
+    {split}.json            LLaVA / VideoInstruct-100K records (single, multi-turn, two-video)
+    {split}-truth.json      exact ground truth per clip
+    {split}-captions.json   one caption per clip, [{"video", "caption"}]
+
+Every clip is generated from its own seed ``(seed, split, index)``, so the same seed gives the
+same JSON and the same frames whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hilight.synth.billiards import ShotTruth, TableConfig, random_camera, render, simulate
+from hilight.synth.qa import QA, caption, pair_qas, single_qas
+from hilight.video import write_video
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+SINGLE_LAYOUTS = ("<video>\n{q}", "<video>\n{q}", "<video>\n{q}", "{q}\n<video>", "Here is a clip: <video>\n{q}")
+PAIR_LAYOUTS = ("<video>\n<video>\n{q}", "First clip: <video>\nSecond clip: <video>\n{q}",
+                "{q}\nClip 1: <video>\nClip 2: <video>", "Compare <video> with <video>. {q}")
+
+
+@dataclass
+class SplitFiles:
+    conversations: Path
+    truth: Path
+    captions: Path
+    clips: int
+    records: int
+
+
+def clip_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.mp4"
+
+
+def _seed(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index, stream]))
+
+
+def make_clip(args: tuple[TableConfig, int, str, int, Path]) -> dict:
+    """Simulate, render and encode one clip; returns its ground truth as JSON."""
+    cfg, seed, split, index, video_dir = args
+    rng = _seed(seed, split, index, 0)
+    truth, positions, present = simulate(cfg, rng)
+    frames = render(cfg, truth, positions, present, random_camera(cfg, rng), rng)
+    write_video(video_dir / clip_name(split, index), frames, fps=truth.fps)
+    return truth.to_json()
+
+
+def _truth_from_json(data: dict) -> ShotTruth:
+    from hilight.synth.billiards import Ball, Pocketing
+
+    fields = dict(data, balls=[Ball(**b) for b in data["balls"]], pocketed=[Pocketing(**p) for p in data["pocketed"]])
+    return ShotTruth(**fields)
+
+
+def _record(rid: str, videos: list[str], qas: list[QA], layout: str) -> dict:
+    turns = []
+    for k, qa in enumerate(qas):
+        turns.append({"from": "human", "value": layout.format(q=qa.question) if k == 0 else qa.question})
+        turns.append({"from": "gpt", "value": qa.answer})
+    return {"id": rid, "video": videos[0] if len(videos) == 1 else videos, "conversations": turns,
+            "meta": {"types": [qa.qtype for qa in qas], "truth": [qa.truth for qa in qas]}}
+
+
+def conversations(split: str, truths: list[ShotTruth], seed: int) -> list[dict]:
+    """Single-question records for every applicable type, one multi-turn record per clip, and
+    two-video records over a random pairing of the clips."""
+    rng = _seed(seed, split, len(truths), 1)
+    records = []
+    for i, truth in enumerate(truths):
+        name = clip_name(split, i)
+        qas = single_qas(truth, rng)
+        for qa in qas:
+            layout = SINGLE_LAYOUTS[int(rng.integers(len(SINGLE_LAYOUTS)))]
+            records.append(_record(f"{split}-{i:05d}-{qa.qtype}", [name], [qa], layout))
+        picks = rng.choice(len(qas), size=min(3, len(qas)), replace=False)
+        records.append(_record(f"{split}-{i:05d}-multi", [name], [qas[k] for k in picks], SINGLE_LAYOUTS[0]))
+    order = rng.permutation(len(truths))
+    for a, b in zip(order[0::2], order[1::2], strict=False):
+        names = [clip_name(split, int(a)), clip_name(split, int(b))]
+        for qa in pair_qas(truths[a], truths[b], rng):
+            layout = PAIR_LAYOUTS[int(rng.integers(len(PAIR_LAYOUTS)))]
+            records.append(_record(f"{split}-{int(a):05d}-{int(b):05d}-{qa.qtype}", names, [qa], layout))
+    return records
+
+
+def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfig | None = None,
+                   workers: int = 1) -> SplitFiles:
+    """Generate ``clips`` clips of ``split`` under ``out`` (see the module docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    cfg = cfg or TableConfig()
+    video_dir = out / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(cfg, seed, split, i, video_dir) for i in range(clips)]
+    bar = dict(total=clips, desc=f"billiards {split}", unit="clip")
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            truth_json = list(tqdm(pool.map(make_clip, jobs, chunksize=4), **bar))
+    else:
+        truth_json = [make_clip(job) for job in tqdm(jobs, **bar)]
+    truths = [_truth_from_json(t) for t in truth_json]
+    records = conversations(split, truths, seed)
+    files = SplitFiles(out / f"{split}.json", out / f"{split}-truth.json", out / f"{split}-captions.json",
+                       clips, len(records))
+    files.conversations.write_text(json.dumps(records, indent=1) + "\n")
+    files.truth.write_text(json.dumps({clip_name(split, i): t for i, t in enumerate(truth_json)}, indent=1) + "\n")
+    files.captions.write_text(json.dumps(
+        [{"video": clip_name(split, i), "caption": caption(t)} for i, t in enumerate(truths)], indent=1) + "\n")
+    return files
+
+
+def split_sizes(total: int) -> dict[str, int]:
+    """80 / 10 / 10, every split at least one clip."""
+    val = max(1, round(total * SPLIT_FRACTIONS["val"]))
+    test = max(1, round(total * SPLIT_FRACTIONS["test"]))
+    return {"train": max(1, total - val - test), "val": val, "test": test}
