@@ -131,6 +131,7 @@ def report(items: list[Item], failed: dict[str, str], problems: list[str]) -> di
                 "n": len(group), "kind": group[0].kind,
                 "accuracy": _accuracy([p == it.truth for p, it in zip(preds, group, strict=True)]),
                 "majority_answer": majority[qtype],
+                "truth_distribution": dict(Counter(it.truth for it in group).most_common()),
                 "majority": _accuracy([majority[qtype] == it.truth for it in group]),
             }
             if blind is not None:
@@ -179,7 +180,11 @@ def markdown(result: dict, title: str) -> str:
             blind = f"{r['blind']:.1%}" if "blind" in r else "-"
             lines.append(f"| {qtype} | {r['kind']} | {r['n']} | {r['accuracy']:.1%} | {blind} | "
                          f"{r['majority']:.1%} ({r['majority_answer']}) |")
-        lines += ["", f"Unparseable answers: {len(result['unparseable'])} (listed in report.json)."]
+        lines += ["", f"Unparseable answers: {len(result['unparseable'])} (listed in report.json).", "",
+                  "Answer distribution (ground truth):", ""]
+        for qtype, r in result["per_type"].items():
+            dist = ", ".join(f"{k} {v}" for k, v in r["truth_distribution"].items())
+            lines.append(f"- {qtype}: {dist}")
     if "reference" in result:
         r = result["reference"]
         lines += ["", f"Reference answers: exact match {r['exact_match']:.1%}, token F1 {r['token_f1']:.3f} "
