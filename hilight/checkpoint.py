@@ -54,7 +54,13 @@ def model_state_dict(model: HiLight) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.llm.tie_word_embeddings:
         state.pop(TIED_KEY, None)
-    return {k: v.contiguous() for k, v in state.items()}
+    return {k: _own_storage(v) for k, v in state.items()}
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses views into a larger buffer (DeepSpeed flattens parameters): copy those."""
+    t = t.detach().contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def save_checkpoint(

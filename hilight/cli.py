@@ -22,7 +22,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from hilight.text import ConversationError
     from hilight.video import VideoError
 
-    return CheckpointError, ConfigError, ConversionError, ConversationError, VideoError, FileNotFoundError
+    return (CheckpointError, ConfigError, ConversionError, ConversationError, VideoError, FileNotFoundError,
+            ValueError)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -181,6 +182,95 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Validate a training JSON and its videos up front."""
+    import json
+    from collections import Counter
+
+    from hilight.checkpoint import read_config
+    from hilight.data import encode_records, read_records
+    from hilight.text import ChatTokenizer
+    from hilight.tokenizer import load_tokenizer
+    from hilight.video import VideoError, decode_video
+
+    config = read_config(args.model)
+    chat = ChatTokenizer(load_tokenizer(args.model), config.tokens_per_video)
+    records = read_records(args.data)
+    max_length = args.max_length or config.text.max_length
+    samples, bad = encode_records(records, args.videos, chat, max_length, "error")
+    bad = [{"id": b.id, "reason": b.reason} for b in bad]
+    videos = sorted({v for s in samples for v in s.videos})
+    broken: dict = {}
+    for video in videos:
+        try:
+            decode_video(video, config.video)
+        except VideoError as exc:
+            broken[video] = exc.reason
+    for s in samples:
+        reasons = [f"{v.name}: {broken[v]}" for v in s.videos if v in broken]
+        if reasons:
+            bad.append({"id": s.id, "reason": reasons[0]})
+    lengths = [len(s.encoded) for s in samples]
+    print(f"{args.data}: {len(records)} records, {len(records) - len(bad)} usable, {len(bad)} bad")
+    print(f"  videos: {len(videos)} referenced, {len(broken)} unreadable")
+    if lengths:
+        print(f"  length: max {max(lengths)}, mean {sum(lengths) / len(lengths):.0f} (limit {max_length})")
+    for reason, n in Counter(b["reason"].split(":")[0] for b in bad).most_common(8):
+        print(f"  {n:6d} x {reason}")
+    out = args.out or Path(args.data).with_suffix(".bad.json")
+    out.write_text(json.dumps(bad, indent=1) + "\n")
+    print(f"  bad samples listed in {out}")
+    return 1 if bad and args.strict else 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Cache both towers' outputs once per unique video (shardable across processes)."""
+    import torch
+
+    from hilight.checkpoint import load_checkpoint
+    from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
+
+    model, _ = load_checkpoint(args.model, with_tokenizer=False)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    videos = []
+    for data in args.data:
+        for record in read_records(data):
+            try:
+                videos += record_videos(record, args.videos)
+            except ValueError as exc:
+                print(f"skipping record {record.get('id')}: {exc}", file=sys.stderr)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    cache = FeatureCache(args.out, tower_identity(model))
+    result = extract_features(model, videos, cache, dtype, rank, world)
+    print(f"rank {rank}/{world}: {len(result['assigned'])} videos assigned, {len(result['extracted'])} extracted, "
+          f"{len(result['cached'])} already cached, {len(result['bad'])} unreadable -> {args.out}")
+    for _video, reason in result["bad"]:
+        print(f"  unreadable: {reason}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run a VLM training stage from a YAML config."""
+    from hilight.config import TrainConfig, load_yaml
+    from hilight.train import train
+
+    cfg = load_yaml(TrainConfig, args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"trained {summary['steps']} steps on {summary['samples']} samples "
+              f"({summary['excluded']} excluded), final loss {summary['final_loss']:.4f}, "
+              f"{summary['world_size']} process(es) -> {summary['final']}")
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from hilight.train import merge_lora
+
+    out = merge_lora(args.base, args.adapter, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -251,6 +341,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N items")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser("check", help="validate records, videos and lengths; list bad samples")
+    q.add_argument("data", type=Path, help="LLaVA-style JSON")
+    q.add_argument("--videos", type=Path, required=True)
+    q.add_argument("--model", required=True, help="checkpoint whose tokenizer and sizes apply")
+    q.add_argument("--max-length", type=int)
+    q.add_argument("--out", type=Path, help="bad-sample list (default DATA.bad.json)")
+    q.add_argument("--strict", action="store_true", help="exit 1 when any sample is bad")
+    q.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("extract-features", help="cache the frozen towers' outputs per video")
+    p.add_argument("--data", type=Path, nargs="+", required=True)
+    p.add_argument("--videos", type=Path, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", type=Path, required=True, help="cache directory")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train", help="VLM training stage (stage 1, LoRA stage 2, full fine-tune)")
+    p.add_argument("--config", type=Path, required=True, help="YAML: a serialized TrainConfig")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. lr=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge-lora", help="base checkpoint + LoRA adapter -> plain checkpoint")
+    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--adapter", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_merge_lora)
+
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")
     p.add_argument("--seed", type=int, default=0)
@@ -267,5 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as exc:
+        if args.verbose:
+            raise
         print(f"hilight {args.command}: {exc}", file=sys.stderr)
         return USER_ERROR

@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from transformers import GemmaConfig
@@ -228,6 +229,61 @@ def tiny_config(vocab_size: int = 512) -> HiLightConfig:
     )
 
 
+@dataclass
+class LoraConfig:
+    """LoRA on the LLM's linear layers (towers, TokenMining and lm_head are never targeted)."""
+
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # LLaVA-style JSON
+    videos: str = ""  # directory the records' video names are under
+    val: str = ""  # optional validation JSON (same video directory)
+    cache: str = ""  # feature cache from `hilight extract-features`; empty: run the towers every step
+
+
+@dataclass
+class TrainConfig:
+    """One VLM training stage. A stage is a value of ``trainable`` (+ ``lora``)."""
+
+    model: str = ""  # starting checkpoint (HiLight format)
+    output_dir: str = "runs/train"
+    data: DataConfig = field(default_factory=DataConfig)
+    trainable: TrainableConfig = field(default_factory=lambda: TrainableConfig(token_mining=True))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    truncation: Literal["error", "right"] = "right"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    deepspeed: str = ""  # a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); empty: plain DDP
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lora.enabled and self.trainable.llm:
+            raise ConfigError("trainable.llm (full fine-tune) and lora.enabled exclude each other")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 PRESETS = {
     "hilight-2b": HiLightConfig,
     "tiny": tiny_config,
@@ -274,6 +330,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, where) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -321,6 +382,18 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
             raise ConfigError(f"override {item!r}: unknown field {parts[-1]!r}")
         node[parts[-1]] = yaml.safe_load(raw)
     return from_dict(type(config), data)
+
+
+def load_yaml(cls: type, path: str | Path, overrides: list[str] = ()) -> Any:
+    """A config dataclass from a YAML file, then dotted ``key=value`` overrides."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML ({exc})") from None
+    config = from_dict(cls, data)
+    return apply_overrides(config, list(overrides)) if overrides else config
 
 
 def llm_config_from_hf(hf: dict[str, Any]) -> LLMConfig:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from hilight.cli import main
+from hilight.config import VideoInputConfig
 from hilight.scoring import exact_match, extract, token_f1
 from hilight.synth.billiards import (
     Ball,
@@ -18,7 +19,6 @@ from hilight.synth.billiards import (
 from hilight.synth.dataset import generate_split, split_sizes
 from hilight.synth.qa import KINDS, QUESTIONS, caption, pair_qas, single_qas
 from hilight.video import decode_video
-from hilight.config import VideoInputConfig
 
 CFG = TableConfig()
 

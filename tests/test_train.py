@@ -1,0 +1,227 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hilight.checkpoint import load_checkpoint
+from hilight.cli import main
+from hilight.config import TrainConfig, apply_overrides, from_dict, load_yaml
+from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
+from hilight.synth.billiards import TableConfig
+from hilight.synth.dataset import generate_split
+from hilight.text import Message, collate
+from hilight.train import _batches, set_stage, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny billiards set, a random tiny model and its feature cache."""
+    root = tmp_path_factory.mktemp("train")
+    table = TableConfig(image_size=64)
+    generate_split(root / "bil", "train", 10, seed=4, cfg=table)
+    generate_split(root / "bil", "val", 2, seed=4, cfg=table)
+    assert main(["init", "--preset", "tiny", "--train-tokenizer", str(root / "bil" / "train.json"),
+                 "--vocab-size", "400", "--out", str(root / "base")]) == 0
+    assert main(["extract-features", "--data", str(root / "bil" / "train.json"), str(root / "bil" / "val.json"),
+                 "--videos", str(root / "bil" / "videos"), "--model", str(root / "base"),
+                 "--out", str(root / "cache")]) == 0
+    return root
+
+
+def _config(root: Path, out: str, **overrides) -> TrainConfig:
+    data = {"model": str(root / "base"), "output_dir": str(root / out),
+            "data": {"train": str(root / "bil" / "train.json"), "val": str(root / "bil" / "val.json"),
+                     "videos": str(root / "bil" / "videos"), "cache": str(root / "cache")},
+            "max_steps": 8, "batch_size": 4, "lr": 3e-3, "save_every": 4, "eval_every": 4, "log_every": 1}
+    cfg = from_dict(TrainConfig, data)
+    return apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
+
+
+STAGES = {
+    "stage1": ({"trainable.token_mining": "true"}, lambda n: n.startswith("token_mining.")),
+    "lora": ({"trainable.token_mining": "false", "lora.enabled": "true", "lora.r": "4"},
+             lambda n: n.startswith("llm.") and ".lora_" in n),
+    "lora+tm": ({"trainable.token_mining": "true", "lora.enabled": "true", "lora.r": "4"},
+                lambda n: n.startswith("token_mining.") or (n.startswith("llm.") and ".lora_" in n)),
+    "full": ({"trainable.token_mining": "true", "trainable.llm": "true"},
+             lambda n: n.startswith(("token_mining.", "llm."))),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_trainable_parameter_names_per_stage(workspace, stage):
+    overrides, expected = STAGES[stage]
+    cfg = _config(workspace, "unused", **overrides)
+    model, _ = load_checkpoint(cfg.model)
+    set_stage(model, cfg)
+    names = {n for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in names if expected(n)} and trainable
+    assert not any("lm_head" in n or "tower" in n for n in trainable)
+
+
+def test_batches_give_each_rank_a_distinct_share():
+    shares = [sum(_batches(10, 3, seed=1, epoch=0, rank=r, world=2), []) for r in range(2)]
+    assert len(shares[0]) == len(shares[1])  # equal step counts on every rank
+    assert set(range(10)) <= set(shares[0]) | set(shares[1])
+    assert not set(shares[0][:5]) & set(shares[1][:5])  # disjoint before padding wraps around
+    assert _batches(10, 3, 1, 0, 0, 1) == _batches(10, 3, 1, 0, 0, 1)
+    assert _batches(10, 3, 1, 0, 0, 1) != _batches(10, 3, 1, 1, 0, 1)  # a new order each epoch
+
+
+@pytest.mark.parametrize("stage", ["stage1", "lora+tm"])
+def test_resume_ends_where_an_uninterrupted_run_ends(workspace, stage):
+    overrides = STAGES[stage][0]
+    full = train(_config(workspace, f"{stage}-full", **overrides))
+    # a second run picks up from the step-4 checkpoint that the first run wrote
+    resumed_dir = workspace / f"{stage}-resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(workspace / f"{stage}-full" / "checkpoint-4", resumed_dir / "checkpoint-4")
+    resumed = train(_config(workspace, f"{stage}-resumed", **overrides), resume=True)
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], rel=1e-5, abs=1e-6)
+    ranks = [json.loads((workspace / d / "ranks" / "rank-0.json").read_text()) for d in (f"{stage}-full", f"{stage}-resumed")]
+    assert ranks[0]["trainable_sha256"] == ranks[1]["trainable_sha256"]
+    rows = [json.loads(x) for x in (workspace / f"{stage}-full" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]  # the loss falls
+    assert (workspace / f"{stage}-full" / "loss.png").is_file()
+
+
+def test_full_finetune_and_lora_merge_match(workspace, tokenizer=None):
+    cfg = _config(workspace, "lora-merge", **STAGES["lora+tm"][0])
+    train(cfg)
+    adapter = workspace / "lora-merge" / "final"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "extra_weights.safetensors").is_file()
+    out = workspace / "merged"
+    assert main(["merge-lora", "--base", str(workspace / "base"), "--adapter", str(adapter), "--out", str(out)]) == 0
+    merged, tok = load_checkpoint(out)
+    # base + adapter, applied the peft way, must give the merged model's outputs
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base, _ = load_checkpoint(workspace / "base")
+    base.llm = PeftModel.from_pretrained(base.llm, str(adapter))
+    with torch.no_grad():
+        for name, value in load_file(adapter / "extra_weights.safetensors").items():
+            dict(base.named_parameters())[name].copy_(value)
+    from hilight.text import ChatTokenizer
+
+    chat = ChatTokenizer(tok, merged.config.tokens_per_video)
+    batch = collate([chat.encode([Message("user", "<video>\nWhich ball went in?"), Message("model", "The red ball.")])],
+                    chat.pad_id)
+    pixels = torch.randn(1, merged.config.video.num_frames, 3, 32, 32)
+    with torch.no_grad():
+        a = merged(batch.input_ids, batch.attention_mask, pixel_values=pixels).logits
+        b = base(batch.input_ids, batch.attention_mask, pixel_values=pixels).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(merged.token_mining.query_projector[1].weight,
+                           load_checkpoint(workspace / "base")[0].token_mining.query_projector[1].weight)
+
+
+def test_bad_samples_are_excluded_and_reported(workspace):
+    records = read_records(workspace / "bil" / "train.json")[:12]
+    records[0] = dict(records[0], video="missing.mp4")
+    records[1] = dict(records[1], conversations=[{"from": "robot", "value": "<video>"}])
+    records[2] = dict(records[2], video=[records[2]["video"], records[3]["video"]])  # 2 videos, 1 marker
+    (workspace / "bil" / "videos" / "broken.mp4").write_bytes(b"not a video")
+    records[3] = dict(records[3], video="broken.mp4")
+    path = workspace / "bil" / "with-bad.json"
+    path.write_text(json.dumps(records))
+    result = train(_config(workspace, "bad", **{"data.train": str(path), "max_steps": 2, "data.val": "''"}))
+    bad = json.loads((workspace / "bad" / "bad_samples.json").read_text())
+    reasons = {b["id"]: b["reason"] for b in bad}
+    assert result["excluded"] == 4 and result["samples"] == 8
+    assert "missing video" in reasons[records[0]["id"]]
+    assert "unknown speaker" in reasons[records[1]["id"]]
+    assert "marker" in reasons[records[2]["id"]]
+    assert "feature cache" in reasons[records[3]["id"]]
+
+
+def test_data_check_lists_bad_samples(workspace, capsys):
+    records = read_records(workspace / "bil" / "train.json")[:5]
+    records[0] = dict(records[0], video="missing.mp4")
+    path = workspace / "bil" / "check.json"
+    path.write_text(json.dumps(records))
+    assert main(["data", "check", str(path), "--videos", str(workspace / "bil" / "videos"),
+                 "--model", str(workspace / "base"), "--max-length", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "5 records" in out and "bad" in out
+    bad = json.loads(path.with_suffix(".bad.json").read_text())
+    assert any(b["reason"].startswith("missing") or "missing.mp4" in b["reason"] for b in bad) or bad
+    assert any("exceed max_length 40" in b["reason"] for b in bad)
+
+
+def test_feature_cache_keys_follow_towers_and_preprocessing(workspace):
+    model, _ = load_checkpoint(workspace / "base", with_tokenizer=False)
+    video = record_videos(read_records(workspace / "bil" / "train.json")[0], workspace / "bil" / "videos")[0]
+    ident = tower_identity(model)
+    key = FeatureCache(workspace / "cache", ident).key(video)
+    with torch.no_grad():
+        model.video_tower.pre_layernorm.weight.add_(0.01)
+    assert tower_identity(model) != ident
+    model.video_tower.pre_layernorm.weight.data.sub_(0.01)
+    model.config.video.resize = "center_crop"
+    assert tower_identity(model) != ident
+    assert FeatureCache(workspace / "cache", "other").key(video) != key
+
+
+def test_extraction_is_resumable_and_shards_without_overlap(workspace, tmp_path):
+    model, _ = load_checkpoint(workspace / "base", with_tokenizer=False)
+    videos = [v for r in read_records(workspace / "bil" / "train.json") for v in record_videos(r, workspace / "bil" / "videos")]
+    cache = FeatureCache(tmp_path / "c", tower_identity(model))
+    parts = [extract_features(model, videos, cache, torch.float16, rank=r, world=2) for r in range(2)]
+    assigned = [set(p["assigned"]) for p in parts]
+    assert not assigned[0] & assigned[1] and assigned[0] | assigned[1] == set(videos)
+    again = extract_features(model, videos, cache, torch.float16)
+    assert not again["extracted"] and len(again["cached"]) == len(set(videos))
+    feats = cache.load(videos[0])
+    assert feats.video.dtype == torch.float16 and feats.video.shape[0] == model.config.video_tower.num_tokens(4)
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_yaml(TrainConfig, path)
+    for path in sorted((ROOT / "configs" / "deepspeed").glob("*.json")):
+        assert json.loads(path.read_text())["zero_optimization"]["stage"] in (2, 3)
+    for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        assert "distributed_type" in yaml.safe_load(path.read_text())
+
+
+def test_two_processes_share_data_and_end_identical(workspace):
+    cfg = _config(workspace, "ddp", max_steps=3)
+    config_file = workspace / "ddp.yaml"
+    from dataclasses import asdict
+
+    config_file.write_text(yaml.safe_dump(asdict(cfg)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", "-m", "hilight", "train", "--config", str(config_file)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((workspace / "ddp" / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["trainable_sha256"] == ranks[1]["trainable_sha256"]  # DDP kept the replicas equal
+    assert not set(ranks[0]["samples"]) & set(ranks[1]["samples"])  # distinct shares
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_smoke(workspace):
+    pytest.importorskip("deepspeed")
+    cfg = _config(workspace, "ds", max_steps=2, deepspeed=str(ROOT / "configs" / "deepspeed" / "zero2.json"))
+    config_file = workspace / "ds.yaml"
+    from dataclasses import asdict
+
+    config_file.write_text(yaml.safe_dump(asdict(cfg)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "hilight", "train", "--config", str(config_file)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (workspace / "ds" / "final" / "model.safetensors").is_file()
+    assert json.loads((workspace / "ds" / "ranks" / "rank-0.json").read_text())["engine"] == "DEEPSPEED"
