@@ -330,6 +330,25 @@ def contact_sheet(path: str | Path, cfg: VideoInputConfig, columns: int = 4):
     return sheet
 
 
+def rgb_to_yuv420p(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> planar YUV 4:2:0 [H*3/2, W] (BT.601, limited range).
+
+    Done in numpy because FFmpeg's RGB -> YUV conversion gave slightly different output from
+    run to run here, and the same seed must give the same video bytes."""
+    x = image.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    cb = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    cr = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    h, w = y.shape
+
+    def half(c: np.ndarray) -> np.ndarray:
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))  # [H/2, W/2]
+
+    planes = np.concatenate([y.reshape(-1), half(cb).reshape(-1), half(cr).reshape(-1)])
+    return np.clip(np.round(planes), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 10, codec: str = "libx264",
                 pix_fmt: str = "yuv420p", options: dict[str, str] | None = None,
                 container_options: dict[str, str] | None = None) -> Path:
@@ -344,8 +363,11 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 10, codec: st
             stream.options = {"preset": "veryfast", "crf": "18", **(options or {})}
         elif options:
             stream.options = options
+        exact = pix_fmt == "yuv420p" and frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
         for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            frame = (av.VideoFrame.from_ndarray(rgb_to_yuv420p(image), format="yuv420p") if exact
+                     else av.VideoFrame.from_ndarray(image, format="rgb24"))
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -153,6 +153,8 @@ def test_dataset_is_deterministic_and_consistent(tmp_path):
     b = generate_split(tmp_path / "b", "test", 6, seed=3, workers=2)
     assert a.conversations.read_text() == b.conversations.read_text()
     assert a.truth.read_text() == b.truth.read_text()
+    for clip in sorted((tmp_path / "a" / "videos").iterdir()):  # byte-identical videos
+        assert clip.read_bytes() == (tmp_path / "b" / "videos" / clip.name).read_bytes()
     cfg = VideoInputConfig(num_frames=4)
     for name in ("test-00000.mp4", "test-00005.mp4"):
         fa = decode_video(tmp_path / "a" / "videos" / name, cfg).frames
