@@ -225,3 +225,14 @@ def test_deepspeed_zero2_smoke(workspace):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (workspace / "ds" / "final" / "model.safetensors").is_file()
     assert json.loads((workspace / "ds" / "ranks" / "rank-0.json").read_text())["engine"] == "DEEPSPEED"
+
+
+def test_gradient_checkpointing_and_accumulation(workspace):
+    cfg = _config(workspace, "gc", max_steps=2, grad_accum=2, gradient_checkpointing="true",
+                  **{"trainable.llm": "true", "data.val": "''"})
+    result = train(cfg)
+    ranks = json.loads((workspace / "gc" / "ranks" / "rank-0.json").read_text())
+    assert result["steps"] == 2 and len(ranks["samples"]) == 2 * 2 * cfg.batch_size  # 2 micro-batches per step
+    assert result["final_loss"] == result["final_loss"]  # finite, not NaN
+    model, _ = load_checkpoint(workspace / "gc" / "final")
+    assert model.config.trainable.llm
