@@ -250,14 +250,10 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """One VLM training stage. A stage is a value of ``trainable`` (+ ``lora``)."""
+class LoopConfig:
+    """Optimisation and bookkeeping shared by every training recipe (VLM stages, alignment)."""
 
-    model: str = ""  # starting checkpoint (HiLight format)
     output_dir: str = "runs/train"
-    data: DataConfig = field(default_factory=DataConfig)
-    trainable: TrainableConfig = field(default_factory=lambda: TrainableConfig(token_mining=True))
-    lora: LoraConfig = field(default_factory=LoraConfig)
     max_steps: int = 100  # optimizer steps
     batch_size: int = 4  # per process
     grad_accum: int = 1
@@ -265,8 +261,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
-    max_length: int = 2048
-    truncation: Literal["error", "right"] = "right"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     deepspeed: str = ""  # a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); empty: plain DDP
@@ -277,11 +271,26 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.lora.enabled and self.trainable.llm:
-            raise ConfigError("trainable.llm (full fine-tune) and lora.enabled exclude each other")
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """One VLM training stage. A stage is a value of ``trainable`` (+ ``lora``)."""
+
+    model: str = ""  # starting checkpoint (HiLight format)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainable: TrainableConfig = field(default_factory=lambda: TrainableConfig(token_mining=True))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_length: int = 2048
+    truncation: Literal["error", "right"] = "right"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora.enabled and self.trainable.llm:
+            raise ConfigError("trainable.llm (full fine-tune) and lora.enabled exclude each other")
 
 
 PRESETS = {

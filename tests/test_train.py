@@ -16,7 +16,8 @@ from hilight.data import FeatureCache, extract_features, read_records, record_vi
 from hilight.synth.billiards import TableConfig
 from hilight.synth.dataset import generate_split
 from hilight.text import Message, collate
-from hilight.train import _batches, set_stage, train
+from hilight.loop import epoch_batches as _batches
+from hilight.train import set_stage, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
