@@ -155,8 +155,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         texts = list(DEMO_CORPUS)
         for path in args.train_tokenizer or []:
             for record in json.loads(Path(path).read_text()):
-                texts += [m.content.replace("<video>", " ") for m in from_llava(record["conversations"])]
-                texts += [record["caption"]] if "caption" in record else []
+                if "conversations" in record:
+                    texts += [m.content.replace("<video>", " ") for m in from_llava(record["conversations"])]
+                if "caption" in record:
+                    texts.append(record["caption"])
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
     config = apply_overrides(preset(args.preset), [f"llm.vocab_size={len(tokenizer)}", *(args.set or [])])
     torch.manual_seed(args.seed)
@@ -271,6 +273,43 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    """Video-text alignment (CLIP-ViP+) from a YAML config."""
+    from hilight.align import align
+    from hilight.config import AlignConfig, load_yaml
+
+    cfg = load_yaml(AlignConfig, args.config, args.overrides)
+    summary = align(cfg, resume=args.resume)
+    print(f"aligned for {summary['steps']} steps on {summary['pairs']} caption pairs ({summary['excluded']} "
+          f"excluded), final loss {summary['final_loss']:.4f} -> {summary['final']}")
+    return 0
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    import json
+
+    from hilight.align import eval_retrieval, retrieval_markdown
+
+    result = eval_retrieval(args.model, args.data, args.videos)
+    text = retrieval_markdown(result, f"Retrieval: {args.model} on {args.data}")
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "retrieval.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "retrieval.md").write_text(text)
+    return 0
+
+
+def cmd_align_ablation(args: argparse.Namespace) -> int:
+    from hilight.align import ablation, ablation_markdown
+    from hilight.config import AlignConfig, load_yaml
+
+    cfg = load_yaml(AlignConfig, args.config, args.overrides)
+    table = ablation(cfg, args.seeds, args.out)
+    print(ablation_markdown(table, args.seeds, cfg.max_steps))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -365,6 +404,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. lr=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("align", help="video-text alignment of the video tower (global + SPARC local loss)")
+    p.add_argument("--config", type=Path, required=True, help="YAML: a serialized AlignConfig")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("eval-retrieval", help="text<->video retrieval recall of an aligned model")
+    p.add_argument("--model", type=Path, required=True, help="the final/ directory of `hilight align`")
+    p.add_argument("--data", type=Path, required=True, help="JSON list of {video, caption}")
+    p.add_argument("--videos", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="write retrieval.json and retrieval.md here")
+    p.set_defaults(func=cmd_eval_retrieval)
+
+    p = sub.add_parser("align-ablation", help="retrieval for global / +local / +language mask over seeds")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_align_ablation)
 
     p = sub.add_parser("merge-lora", help="base checkpoint + LoRA adapter -> plain checkpoint")
     p.add_argument("--base", type=Path, required=True)

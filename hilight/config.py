@@ -293,8 +293,75 @@ class TrainConfig(LoopConfig):
             raise ConfigError("trainable.llm (full fine-tune) and lora.enabled exclude each other")
 
 
+STOP_WORDS = ("a", "an", "the", "and", "of", "with", "to", "into", "on", "in", "at", "by", "is", "are", "it", "its",
+              "then", "first", "view", "top-down", "table", "ball", "balls", "cloth", "moves", "goes", "hits",
+              "touches", "towards", "without", "another")
+
+
+@dataclass
+class TextTowerConfig:
+    """CLIP text transformer. ``max_positions`` is 77 for CLIP, 248 for Long-CLIP-style captions."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_layers: int = 12
+    num_heads: int = 8
+    max_positions: int = 77
+    projection_dim: int = 512
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass
+class AlignLossConfig:
+    """Global video-text InfoNCE plus the SPARC fine-grained patch-token loss."""
+
+    global_weight: float = 1.0
+    local_weight: float = 1.0  # 0 disables the local loss
+    threshold: float = 0.0  # sparsity threshold on min-max normalised similarities; 0: 1 / number of patches
+    local_temperature: float = 0.07
+    language_mask: bool = True  # local loss only on content tokens (no padding, special tokens, stop words)
+    stop_words: list[str] = field(default_factory=lambda: list(STOP_WORDS))
+
+
+@dataclass
+class AlignDataConfig:
+    train: str = ""  # JSON list of {"video", "caption"}
+    val: str = ""
+    videos: str = ""
+    frames_cache: str = ""  # decoded, preprocessed frames are kept here (safetensors); empty: decode each time
+
+
+@dataclass
+class AlignConfig(LoopConfig):
+    """Video-text alignment (CLIP-ViP+) of a checkpoint's video tower."""
+
+    model: str = ""  # HiLight checkpoint: its video tower is aligned, its tokenizer reads the captions
+    text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+    text_init: str = ""  # optional pretrain_clipvip_base_16.pt: its clipmodel.text_model.* start the text tower
+    data: AlignDataConfig = field(default_factory=AlignDataConfig)
+    loss: AlignLossConfig = field(default_factory=AlignLossConfig)
+
+
+def billiards_small_config(vocab_size: int = 1000) -> HiLightConfig:
+    """The bundled model's sizes: 6 frames at 112 px with 8-px patches, so a ball covers a few
+    patches (small objects under 16-px patches learn slowly), and a 4-layer 256-wide Gemma."""
+    return HiLightConfig(
+        video_tower=VideoTowerConfig(hidden_size=96, num_layers=4, num_heads=4, intermediate_size=384, image_size=112,
+                                     patch_size=8, temporal_size=6, add_cls_num=3, projection_dim=64),
+        image_tower=ImageTowerConfig(width=96, num_layers=4, num_heads=4, intermediate_size=384, image_size=112,
+                                     patch_size=8, output_dim=64),
+        token_mining=TokenMiningConfig(video_dim=96, image_dim=64, llm_dim=256, queries_per_frame=4),
+        llm=LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                      num_kv_heads=1, head_dim=64, max_position_embeddings=1024, hidden_act="gelu_pytorch_tanh"),
+        video=VideoInputConfig(num_frames=6, image_size=112),
+        text=TextConfig(max_length=512),
+    )
+
+
 PRESETS = {
     "hilight-2b": HiLightConfig,
+    "billiards-small": billiards_small_config,
     "tiny": tiny_config,
 }
 

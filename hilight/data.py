@@ -117,16 +117,22 @@ class FeatureCache:
         return video.is_file() and self.path(video).is_file()
 
     def load(self, video: Path) -> TowerOutputs:
-        tensors = load_file(self.path(video))
+        tensors = self.load_tensors(video)
         return TowerOutputs(video=tensors["video"], image=tensors["image"])
 
     def store(self, video: Path, towers: TowerOutputs, dtype: torch.dtype) -> None:
+        self.store_tensors(video, {"video": towers.video.to(dtype), "image": towers.image.to(dtype)})
+
+    def load_tensors(self, video: Path) -> dict[str, torch.Tensor]:
+        return load_file(self.path(video))
+
+    def store_tensors(self, video: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Write atomically (temp file + rename), so a killed run never leaves half a file."""
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.path(video)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
-        save_file({"video": towers.video.to(dtype).contiguous(), "image": towers.image.to(dtype).contiguous()}, tmp,
-                  metadata={"source": video.name, "towers": self.identity})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"source": video.name, "identity": self.identity})
         os.replace(tmp, target)
 
 

@@ -1,0 +1,361 @@
+"""CLIP-ViP+: video-text alignment of the video tower (the report's first stage).
+
+Losses (weights, threshold and mask policy are config values):
+
+1. **Global**: symmetric InfoNCE between the pooled video embedding (CLS -> post-LN ->
+   projection) and the pooled caption embedding (EOS state -> projection), with a learned
+   temperature.
+2. **Local (SPARC, Bica et al. 2024)**: for each (video, caption) pair, token-to-patch
+   similarities ``s[j, k] = <t_j, v_k>`` are min-max normalised over patches, values below a
+   threshold (default ``1 / #patches``) are zeroed, and the rest, renormalised, weight the
+   patches into one language-grouped visual embedding ``c_j`` per token. A per-pair
+   token-level contrastive loss then pulls ``c_j`` towards ``t_j`` against the caption's other
+   tokens, in both directions.
+3. **Language mask**: the local loss only uses content tokens: never padding; with
+   ``language_mask`` also no special tokens, punctuation or configured stop words, so the
+   loss concentrates on words such as colours and pockets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import statistics
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from hilight.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from hilight.config import AlignConfig, AlignLossConfig, TextTowerConfig, VideoInputConfig, from_dict
+from hilight.convert import map_keys, torch_state_file
+from hilight.data import FeatureCache
+from hilight.loop import finish, fit, make_accelerator
+from hilight.model.clip_vip import CLIPViPVideoTower
+from hilight.video import VideoError, load_video
+
+log = logging.getLogger(__name__)
+
+TEXT_WEIGHTS = "text_tower.safetensors"
+ALIGN_META = "align.json"
+
+
+class TextTower(nn.Module):
+    """transformers' CLIP text transformer plus a projection; pooled at the EOS token."""
+
+    def __init__(self, cfg: TextTowerConfig, pad_id: int, bos_id: int, eos_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            max_position_embeddings=cfg.max_positions, hidden_act="quick_gelu", layer_norm_eps=cfg.layer_norm_eps,
+            projection_dim=cfg.projection_dim, pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id))
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected token embeddings [B, L, d] and pooled caption embeddings [B, d]."""
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, H], final LN applied
+        tokens = self.text_projection(hidden)  # [B, L, d]
+        eos = mask.long().sum(-1) - 1  # captions are right-padded and end with EOS
+        return tokens, tokens[torch.arange(len(ids)), eos]
+
+
+class VideoTextAligner(nn.Module):
+    def __init__(self, video_tower: CLIPViPVideoTower, text: TextTower):
+        super().__init__()
+        self.video_tower = video_tower
+        self.text = text
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, pixels, ids, mask, local, cfg: AlignLossConfig) -> torch.Tensor:
+        """The weighted global + local loss of one batch of matching (video, caption) pairs."""
+        video, patches = self.encode_video(pixels)
+        tokens, text = self.text(ids, mask)
+        loss = cfg.global_weight * global_loss(video, text, self.logit_scale)
+        if cfg.local_weight:
+            loss = loss + cfg.local_weight * sparc_loss(tokens, patches, local, cfg.threshold, cfg.local_temperature)
+        return loss
+
+    def encode_video(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled [B, d] and per-patch [B, T*L, d] embeddings (proxy tokens excluded)."""
+        hidden = self.video_tower(pixels)  # [B, M + T*L, D]
+        projected = self.video_tower.visual_projection(self.video_tower.post_layernorm(hidden))  # [B, M + T*L, d]
+        return projected[:, 0], projected[:, self.video_tower.cfg.num_proxy_tokens:]
+
+
+def global_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch; matching pairs share an index."""
+    logits = logit_scale.clamp(max=math.log(100)).exp() * F.normalize(video, dim=-1) @ F.normalize(text, dim=-1).T
+    target = torch.arange(len(video), device=video.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def sparc_weights(tokens: torch.Tensor, patches: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Alignment weights [B, L, P]: similarities min-max normalised over patches, sparsified
+    below ``threshold`` (0 means 1 / P), renormalised to sum to one per token."""
+    sim = tokens @ patches.transpose(1, 2)  # [B, L, P]
+    low, high = sim.amin(-1, keepdim=True), sim.amax(-1, keepdim=True)
+    sim = (sim - low) / (high - low).clamp_min(1e-6)  # [0, 1] per token
+    cut = threshold or 1.0 / patches.shape[1]
+    sim = torch.where(sim >= cut, sim, torch.zeros_like(sim))
+    return sim / sim.sum(-1, keepdim=True).clamp_min(1e-6)
+
+
+def sparc_loss(tokens: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, threshold: float,
+               temperature: float) -> torch.Tensor:
+    """Fine-grained loss of SPARC for [B, L, d] tokens, [B, P, d] patches and a [B, L] mask of
+    the tokens that take part."""
+    grouped = sparc_weights(tokens, patches, threshold) @ patches  # [B, L, d] language-grouped visual embeddings
+    g, t = F.normalize(grouped, dim=-1), F.normalize(tokens, dim=-1)
+    logits = g @ t.transpose(1, 2) / temperature  # [B, L, L]: grouped j vs token r of the same caption
+    valid = mask.bool()
+    pair_ok = valid[:, :, None] & valid[:, None, :]
+    logits = logits.masked_fill(~pair_ok, float("-inf"))
+    eye = torch.eye(logits.shape[1], dtype=torch.bool, device=logits.device)
+    g2t = -(torch.log_softmax(logits, dim=2).masked_select(eye & valid[:, :, None]))  # grouped -> token
+    t2g = -(torch.log_softmax(logits, dim=1).masked_select(eye & valid[:, :, None]))  # token -> grouped
+    return (g2t.mean() + t2g.mean()) / 2
+
+
+class CaptionTokenizer:
+    """Captions -> [BOS] tokens [EOS] ids, padding, and the language mask of content tokens."""
+
+    def __init__(self, tokenizer, max_positions: int, stop_words: list[str]):
+        self.tok = tokenizer
+        self.max_positions = max_positions
+        self.stop_words = {w.lower() for w in stop_words}
+        self.special = set(tokenizer.all_special_ids)
+        self._content: dict[int, bool] = {}
+
+    def is_content(self, token_id: int) -> bool:
+        if token_id not in self._content:
+            word = re.sub(r"[^a-z0-9]", "", self.tok.decode([token_id]).strip().lower())
+            self._content[token_id] = token_id not in self.special and bool(word) and word not in self.stop_words
+        return self._content[token_id]
+
+    def __call__(self, captions: list[str], language_mask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [B, L], attention mask [B, L], local-loss mask [B, L]."""
+        rows = []
+        for text in captions:
+            body = self.tok(text, add_special_tokens=False)["input_ids"][: self.max_positions - 2]
+            rows.append([self.tok.bos_token_id, *body, self.tok.eos_token_id])
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        local = torch.zeros_like(ids, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+            local[i, : len(r)] = torch.tensor([self.is_content(t) if language_mask else True for t in r])
+        return ids, mask, local
+
+
+class Clips:
+    """Caption pairs with their frames, decoded once (memory, or a safetensors cache on disk)."""
+
+    def __init__(self, path: str, videos: str, video_cfg: VideoInputConfig, cache_dir: str):
+        records = json.loads(Path(path).read_text())
+        self.video_cfg = video_cfg
+        self.cache = FeatureCache(cache_dir, json.dumps(asdict(video_cfg), sort_keys=True)) if cache_dir else None
+        self.pairs, self.bad = [], []
+        for rec in records:
+            video = Path(videos) / rec["video"]
+            try:
+                self._frames(video)
+                self.pairs.append((video, rec["caption"]))
+            except VideoError as exc:
+                self.bad.append(str(exc))
+                log.warning("skipped %s", exc)
+        self._memory: dict[Path, torch.Tensor] = {}
+
+    def _frames(self, video: Path) -> torch.Tensor:
+        if self.cache is not None and self.cache.has(video):
+            return self.cache.load_tensors(video)["frames"].float()
+        frames = load_video(video, self.video_cfg)
+        if self.cache is not None:
+            self.cache.store_tensors(video, {"frames": frames.half()})
+        return frames
+
+    def frames(self, i: int) -> torch.Tensor:
+        video = self.pairs[i][0]
+        if video not in self._memory:
+            self._memory[video] = self._frames(video)
+        return self._memory[video]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def build_aligner(cfg: AlignConfig):
+    """The checkpoint's model and tokenizer, and an aligner around its video tower."""
+    model, tokenizer = load_checkpoint(cfg.model)
+    if len(tokenizer) > cfg.text_tower.vocab_size:
+        raise CheckpointError(f"{cfg.model}: tokenizer has {len(tokenizer)} tokens, text_tower.vocab_size is "
+                              f"{cfg.text_tower.vocab_size}")
+    text = TextTower(cfg.text_tower, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    aligner = VideoTextAligner(model.video_tower, text)
+    if cfg.text_init:
+        load_clipvip_text(aligner, Path(cfg.text_init))
+    return model, tokenizer, aligner
+
+
+def load_clipvip_text(aligner: VideoTextAligner, path: Path) -> None:
+    """Start the text tower (and temperature) from ``pretrain_clipvip_base_16.pt``."""
+    state = torch_state_file(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    text = {}
+    for name, value in state.items():
+        if name.startswith("clipmodel.text_model.") and not name.endswith("position_ids"):
+            text["text.encoder." + name.removeprefix("clipmodel.")] = value
+    text["text.text_projection.weight"] = state["clipmodel.text_projection.weight"]
+    text["logit_scale"] = state["clipmodel.logit_scale"]
+    video = map_keys(state, "clipvip", str(path))  # video_tower.* names
+    load_state_strict(aligner, {**text, **video}, where=str(path))
+
+
+def align(cfg: AlignConfig, resume: bool = False) -> dict:
+    """Train the video tower (and a text tower) on caption pairs; writes ``final/`` (a HiLight
+    checkpoint with the aligned video tower, plus the text tower for retrieval)."""
+    accelerator = make_accelerator(cfg)
+    model, tokenizer, aligner = build_aligner(cfg)
+    aligner.requires_grad_(True)
+    captions = CaptionTokenizer(tokenizer, cfg.text_tower.max_positions, cfg.loss.stop_words)
+    train_set = Clips(cfg.data.train, cfg.data.videos, model.config.video, cfg.data.frames_cache)
+    val_set = Clips(cfg.data.val, cfg.data.videos, model.config.video, cfg.data.frames_cache) if cfg.data.val else None
+    if len(train_set) < 2:
+        raise ValueError(f"{cfg.data.train}: need at least 2 usable caption pairs for a contrastive loss")
+
+    def batch(clips: Clips, indices: list[int]):
+        pixels = torch.stack([clips.frames(i) for i in indices]).to(accelerator.device)
+        ids, mask, local = captions([clips.pairs[i][1] for i in indices], cfg.loss.language_mask)
+        return pixels, ids.to(accelerator.device), mask.to(accelerator.device), local.to(accelerator.device)
+
+    def batch_loss(module, indices: list[int]) -> torch.Tensor:
+        return module(*batch(train_set, indices), cfg.loss)
+
+    def validate(module) -> float:
+        size = max(2, min(cfg.batch_size, len(val_set)))  # contrastive: whole batches of at least 2
+        starts = range(0, len(val_set) - size + 1, size)
+        losses = [module(*batch(val_set, list(range(s, s + size))), cfg.loss).item() for s in starts]
+        return sum(losses) / max(len(losses), 1)
+
+    result = fit(cfg, accelerator, aligner, len(train_set), batch_loss, lambda i: train_set.pairs[i][0].name,
+                 validate if val_set is not None and len(val_set) >= 2 else None, resume)
+    final = Path(cfg.output_dir) / "final"
+    if accelerator.is_main_process:
+        trained = result["model"]
+        model.video_tower.load_state_dict(trained.video_tower.state_dict())
+        save_checkpoint(model, final, tokenizer)
+        text_state = {f"text.{k}": v.detach().contiguous() for k, v in trained.text.state_dict().items()}
+        text_state["logit_scale"] = trained.logit_scale.detach().clone()
+        save_file(text_state, final / TEXT_WEIGHTS)
+        (final / ALIGN_META).write_text(json.dumps({"text_tower": asdict(cfg.text_tower),
+                                                    "max_positions": cfg.text_tower.max_positions}, indent=1) + "\n")
+    finish(accelerator)
+    return {"final_loss": result["final_loss"], "steps": result["steps"], "pairs": len(train_set),
+            "excluded": len(train_set.bad), "final": str(final)}
+
+
+def load_aligner(path: str | Path):
+    """(aligner, tokenizer, video config) from an alignment output directory (``final/``)."""
+    path = Path(path)
+    if not (path / ALIGN_META).is_file():
+        raise CheckpointError(f"{path}: no {ALIGN_META}; not the output of `hilight align`")
+    model, tokenizer = load_checkpoint(path)
+    text_cfg = from_dict(TextTowerConfig, json.loads((path / ALIGN_META).read_text())["text_tower"])
+    aligner = VideoTextAligner(model.video_tower, TextTower(text_cfg, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                                            tokenizer.eos_token_id))
+    state = load_file(path / TEXT_WEIGHTS)
+    video = {f"video_tower.{k}": v for k, v in model.video_tower.state_dict().items()}
+    load_state_strict(aligner, {**state, **video}, where=str(path))
+    return aligner.eval(), tokenizer, model.config.video
+
+
+def retrieval_metrics(sim: torch.Tensor) -> dict:
+    """R@1/5/10 and median rank, text->video and video->text, for a [texts, videos] similarity
+    matrix whose diagonal holds the matching pairs."""
+    out = {}
+    for name, m in (("text_to_video", sim), ("video_to_text", sim.T)):
+        correct = m.diagonal()[:, None]
+        ranks = (m > correct).sum(-1) + 1  # 1 = best
+        out[name] = {f"R@{k}": float((ranks <= k).float().mean()) for k in (1, 5, 10)}
+        out[name]["median_rank"] = float(ranks.float().median())
+    return out
+
+
+@torch.no_grad()
+def eval_retrieval(model_dir: str | Path, data: str | Path, videos: str | Path, batch_size: int = 16) -> dict:
+    aligner, tokenizer, video_cfg = load_aligner(model_dir)
+    clips = Clips(str(data), str(videos), video_cfg, "")
+    captions = CaptionTokenizer(tokenizer, aligner.text.cfg.max_positions, [])
+    v_emb, t_emb = [], []
+    for s in range(0, len(clips), batch_size):
+        idx = list(range(s, min(len(clips), s + batch_size)))
+        v_emb.append(aligner.encode_video(torch.stack([clips.frames(i) for i in idx]))[0])
+        ids, mask, _ = captions([clips.pairs[i][1] for i in idx], False)
+        t_emb.append(aligner.text(ids, mask)[1])
+    v, t = F.normalize(torch.cat(v_emb), dim=-1), F.normalize(torch.cat(t_emb), dim=-1)
+    result = retrieval_metrics(t @ v.T)
+    result.update(pairs=len(clips), skipped=clips.bad)
+    return result
+
+
+def retrieval_markdown(result: dict, title: str) -> str:
+    lines = [f"# {title}", "", f"{result['pairs']} caption-video pairs.", "",
+             "| direction | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
+    for name in ("text_to_video", "video_to_text"):
+        r = result[name]
+        lines.append(f"| {name.replace('_', ' ')} | {r['R@1']:.1%} | {r['R@5']:.1%} | {r['R@10']:.1%} | "
+                     f"{r['median_rank']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+ABLATIONS = {
+    "global": {"local_weight": 0.0},
+    "global+local": {"language_mask": False},
+    "global+local+mask": {"language_mask": True},
+}
+
+
+def ablation(cfg: AlignConfig, seeds: list[int], out: Path) -> dict:
+    """Retrieval on ``cfg.data.val`` for the three loss settings x seeds, at the same budget."""
+    if not cfg.data.val:
+        raise ValueError("the ablation evaluates on data.val: set it to a held-out split")
+    rows: dict[str, list[dict]] = {}
+    for name, change in ABLATIONS.items():
+        for seed in seeds:
+            run = replace(cfg, seed=seed, output_dir=str(out / f"{name}-seed{seed}"),
+                          loss=replace(cfg.loss, **change))
+            align(run)
+            rows.setdefault(name, []).append(eval_retrieval(Path(run.output_dir) / "final", cfg.data.val,
+                                                            cfg.data.videos))
+    table = {}
+    for name, results in rows.items():
+        table[name] = {}
+        for direction in ("text_to_video", "video_to_text"):
+            for metric in ("R@1", "R@5", "R@10", "median_rank"):
+                values = [r[direction][metric] for r in results]
+                table[name][f"{direction}/{metric}"] = {
+                    "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "values": values}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "steps": cfg.max_steps, "table": table}, indent=1))
+    (out / "ablation.md").write_text(ablation_markdown(table, seeds, cfg.max_steps))
+    return table
+
+
+def ablation_markdown(table: dict, seeds: list[int], steps: int) -> str:
+    lines = [f"Retrieval on the held-out split, {steps} steps each, mean ± std over seeds {seeds}.", "",
+             "| loss | text→video R@1 | R@5 | R@10 | video→text R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
+    for name, row in table.items():
+        cells = [f"{row[f'{d}/{m}']['mean']:.1%} ± {row[f'{d}/{m}']['std']:.1%}"
+                 for d in ("text_to_video", "video_to_text") for m in ("R@1", "R@5", "R@10")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
