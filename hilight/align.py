@@ -213,7 +213,8 @@ def load_clipvip_text(aligner: VideoTextAligner, path: Path) -> None:
     text = {}
     for name, value in state.items():
         if name.startswith("clipmodel.text_model.") and not name.endswith("position_ids"):
-            text["text.encoder." + name.removeprefix("clipmodel.")] = value
+            # transformers 5 names the text transformer's children directly (no text_model level)
+            text["text.encoder." + name.removeprefix("clipmodel.text_model.")] = value
     text["text.text_projection.weight"] = state["clipmodel.text_projection.weight"]
     text["logit_scale"] = state["clipmodel.logit_scale"]
     video = map_keys(state, "clipvip", str(path))  # video_tower.* names

@@ -13,10 +13,10 @@ from hilight.checkpoint import load_checkpoint
 from hilight.cli import main
 from hilight.config import TrainConfig, apply_overrides, from_dict, load_yaml
 from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
+from hilight.loop import epoch_batches as _batches
 from hilight.synth.billiards import TableConfig
 from hilight.synth.dataset import generate_split
 from hilight.text import Message, collate
-from hilight.loop import epoch_batches as _batches
 from hilight.train import set_stage, train
 
 ROOT = Path(__file__).resolve().parents[1]

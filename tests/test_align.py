@@ -1,0 +1,144 @@
+import json
+import math
+
+import pytest
+import torch
+
+from hilight.align import (
+    CaptionTokenizer,
+    TextTower,
+    VideoTextAligner,
+    eval_retrieval,
+    global_loss,
+    load_clipvip_text,
+    retrieval_metrics,
+    sparc_loss,
+    sparc_weights,
+)
+from hilight.cli import main
+from hilight.config import AlignLossConfig, TextTowerConfig, tiny_config
+from hilight.model.clip_vip import CLIPViPVideoTower
+from hilight.synth.billiards import TableConfig
+from hilight.synth.dataset import generate_split
+from tests import synthetic
+
+T1, T2 = [1.0, 0.0], [0.0, 1.0]
+PATCHES = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])  # [1, P=3, d=2]
+TOKENS = torch.tensor([[T1, T2]])  # [1, L=2, d=2]
+
+
+def test_sparc_weights_on_a_hand_built_example():
+    w = sparc_weights(TOKENS, PATCHES, threshold=0.0)  # default threshold 1/P = 1/3
+    # token 1: similarities [1, 0, .5] -> min-max [1, 0, .5] -> weights [2/3, 0, 1/3]
+    torch.testing.assert_close(w[0], torch.tensor([[2 / 3, 0, 1 / 3], [0, 2 / 3, 1 / 3]]))
+    sparse = sparc_weights(TOKENS, PATCHES, threshold=0.6)  # 0.5 falls under the threshold
+    torch.testing.assert_close(sparse[0], torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+
+
+def test_sparc_loss_on_a_hand_built_example():
+    # grouped embeddings [5/6, 1/6] and [1/6, 5/6]: cosine 5/sqrt(26) with their own token, 1/sqrt(26) with the other
+    gap = (5 - 1) / math.sqrt(26)
+    expected = math.log(1 + math.exp(-gap))
+    loss = sparc_loss(TOKENS, PATCHES, torch.tensor([[1, 1]]), threshold=0.0, temperature=1.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_masked_tokens_do_not_change_the_local_loss():
+    torch.manual_seed(0)
+    tokens, patches = torch.randn(2, 6, 8), torch.randn(2, 10, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 0]])
+    base = sparc_loss(tokens, patches, mask, 0.0, 0.07)
+    changed = tokens.clone()
+    changed[mask == 0] = torch.randn(int((mask == 0).sum()), 8) * 5
+    torch.testing.assert_close(sparc_loss(changed, patches, mask, 0.0, 0.07), base)
+    assert not torch.allclose(sparc_loss(tokens, patches, torch.ones_like(mask), 0.0, 0.07), base)
+
+
+def test_global_loss_prefers_matching_pairs():
+    v = torch.eye(4)
+    assert global_loss(v, v, torch.tensor(math.log(10))) < global_loss(v, v.flip(0), torch.tensor(math.log(10)))
+
+
+def test_language_mask_keeps_content_words(tokenizer):
+    captions = CaptionTokenizer(tokenizer, 64, ["the", "ball", "a"])
+    ids, mask, local = captions(["The red ball."], language_mask=True)
+    words = [tokenizer.decode([i]).strip() for i in ids[0].tolist()]
+    kept = [w for w, keep in zip(words, local[0].tolist(), strict=True) if keep]
+    assert "red" in kept and not {"The", "ball", ".", "<bos>", "<eos>"} & set(kept)
+    _, _, everything = captions(["The red ball."], language_mask=False)
+    assert everything[0].all()
+
+
+def _aligner(tokenizer, cfg=None):
+    cfg = cfg or tiny_config(len(tokenizer)).video_tower
+    text_cfg = TextTowerConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
+                               num_heads=2, max_positions=64, projection_dim=cfg.projection_dim)
+    text = TextTower(text_cfg, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return VideoTextAligner(CLIPViPVideoTower(cfg), text)
+
+
+def test_gradients_reach_both_towers(tokenizer):
+    torch.manual_seed(0)
+    aligner = _aligner(tokenizer)
+    captions = CaptionTokenizer(tokenizer, 64, ["the"])
+    ids, mask, local = captions(["The red ball went in.", "The blue ball stayed."], True)
+    loss = aligner(torch.randn(2, 4, 3, 32, 32), ids, mask, local, AlignLossConfig())
+    loss.backward()
+    assert aligner.video_tower.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert aligner.text.encoder.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert aligner.logit_scale.grad is not None
+
+
+def test_retrieval_metrics_on_a_constructed_case():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.2, 0.1]])
+    # text ranks: caption 0 -> 1st, caption 1 -> 2nd (0.8 beats 0.5), caption 2 -> 2nd
+    r = retrieval_metrics(sim)
+    assert r["text_to_video"]["R@1"] == pytest.approx(1 / 3) and r["text_to_video"]["median_rank"] == 2
+    # video ranks: video 0 -> 1st, video 1 -> 1st (0.5 beats 0.2, 0.1), video 2 -> 1st (0.1 vs 0.0 and 0.1: tie kept)
+    assert r["video_to_text"]["R@1"] == pytest.approx(1.0)
+
+
+def test_clipvip_text_weights_load_into_the_text_tower(tmp_path, tokenizer):
+    aligner = _aligner(tokenizer)
+    torch.manual_seed(3)
+    source = _aligner(tokenizer)
+    state = synthetic.clipvip_state(tiny_config(len(tokenizer)).video_tower, seed=5)
+    state = {k: v for k, v in state.items() if not k.startswith(("clipmodel.text_model.", "clipmodel.text_projection"))}
+    for name, value in source.text.encoder.state_dict().items():
+        state["clipmodel.text_model." + name] = value
+    state["clipmodel.text_projection.weight"] = source.text.text_projection.weight.detach()
+    torch.save(state, tmp_path / "pretrain_clipvip_base_16.pt")
+    load_clipvip_text(aligner, tmp_path / "pretrain_clipvip_base_16.pt")
+    for a, b in zip(aligner.text.state_dict().values(), source.text.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert aligner.logit_scale.item() == pytest.approx(4.6)
+
+
+def test_align_command_end_to_end(tmp_path, capsys):
+    data = tmp_path / "bil"
+    generate_split(data, "train", 6, seed=2, cfg=TableConfig(image_size=64))
+    generate_split(data, "val", 4, seed=2, cfg=TableConfig(image_size=64))
+    assert main(["init", "--preset", "tiny", "--train-tokenizer", str(data / "train-captions.json"),
+                 "--vocab-size", "300", "--out", str(tmp_path / "base")]) == 0
+    config = tmp_path / "align.yaml"
+    config.write_text(json.dumps({
+        "model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+        "text_tower": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
+                       "num_heads": 2, "max_positions": 96, "projection_dim": 16},
+        "data": {"train": str(data / "train-captions.json"), "val": str(data / "val-captions.json"),
+                 "videos": str(data / "videos"), "frames_cache": str(tmp_path / "frames")},
+        "max_steps": 3, "batch_size": 4, "lr": 1e-3, "save_every": 3, "eval_every": 3, "log_every": 1}))
+    assert main(["align", "--config", str(config)]) == 0
+    final = tmp_path / "run" / "final"
+    from hilight.checkpoint import load_checkpoint
+
+    aligned, _ = load_checkpoint(final)  # a plain HiLight checkpoint: the VLM uses it directly
+    base, _ = load_checkpoint(tmp_path / "base")
+    assert not torch.equal(aligned.video_tower.pre_layernorm.weight, base.video_tower.pre_layernorm.weight)
+    assert torch.equal(aligned.llm.model.embed_tokens.weight, base.llm.model.embed_tokens.weight)
+    result = eval_retrieval(final, data / "val-captions.json", data / "videos")
+    assert result["pairs"] == 4 and 0 <= result["text_to_video"]["R@1"] <= 1
+    assert any((tmp_path / "frames").iterdir())  # frames were cached
+    assert main(["eval-retrieval", "--model", str(final), "--data", str(data / "val-captions.json"),
+                 "--videos", str(data / "videos"), "--out", str(tmp_path / "r")]) == 0
+    assert "| text to video |" in (tmp_path / "r" / "retrieval.md").read_text()
