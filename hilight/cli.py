@@ -310,6 +310,109 @@ def cmd_align_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_path(arg: str | None) -> Path:
+    from hilight.engine import default_model
+
+    return Path(arg) if arg else default_model()
+
+
+def _settings(args: argparse.Namespace):
+    from hilight.engine import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                              temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k,
+                              num_beams=args.beams)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--beams", type=int, default=1)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """One question about one or more videos."""
+    import json
+
+    from hilight.engine import Conversation, Engine, stream_reply
+
+    *videos, question = args.inputs
+    engine = Engine.from_checkpoint(_model_path(args.model))
+    conversation = Conversation()
+    answer = "".join(stream_reply(engine, conversation, question, videos, _settings(args))).strip()
+    if args.json:
+        print(json.dumps({"question": conversation.messages[0].content, "videos": videos, "answer": answer}))
+    else:
+        print(answer)
+    return 0
+
+
+CHAT_HELP = "commands: /video PATH (add a video to your next message), /reset, /history, /save FILE, /quit"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive multi-turn chat about videos in the terminal, with streaming."""
+    import json
+
+    from hilight.engine import Conversation, Engine, stream_reply
+    from hilight.video import VideoError, decode_video
+
+    engine = Engine.from_checkpoint(_model_path(args.model))
+    settings = _settings(args)
+    conversation, pending = Conversation(), list(args.videos)
+    print(f"HiLight chat ({_model_path(args.model).name}). {CHAT_HELP}")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            return 0
+        if command == "/reset":
+            conversation, pending = Conversation(), []
+            print("(conversation cleared)")
+            continue
+        if command == "/history":
+            for m in conversation.messages:
+                print(f"{m.role}> {m.content}")
+            print(f"(videos: {', '.join(str(v) for v in conversation.videos) or 'none'}; pending: "
+                  f"{', '.join(pending) or 'none'})")
+            continue
+        if command == "/save":
+            Path(rest or "chat.json").write_text(json.dumps(conversation.to_json(), indent=1) + "\n")
+            print(f"(saved to {rest or 'chat.json'})")
+            continue
+        if command == "/video":
+            try:
+                decode_video(rest, engine.model.config.video)
+                pending.append(rest)
+                print(f"(video {rest} will go with your next message)")
+            except VideoError as exc:
+                print(f"error: {exc}")
+            continue
+        if command.startswith("/"):
+            print(CHAT_HELP)
+            continue
+        try:
+            print("hilight> ", end="", flush=True)
+            for chunk in stream_reply(engine, conversation, line, pending, settings):
+                print(chunk, end="", flush=True)
+            print()
+            pending = []
+        except KeyboardInterrupt:
+            print("\n(stopped)")
+            pending = []
+        except _user_errors() as exc:
+            print(f"\nerror: {exc}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -430,6 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("ask", help="answer one question about one or more videos")
+    p.add_argument("inputs", nargs="+", metavar="VIDEO... QUESTION",
+                   help="video files, then the question (<video> markers in it place the videos)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="interactive chat about videos in the terminal")
+    p.add_argument("videos", nargs="*", help="videos that go with your first message")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")

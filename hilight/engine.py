@@ -8,15 +8,17 @@ UI, API server, evaluation) goes through this module.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from hilight.model import HiLight
-from hilight.text import Batch, ChatTokenizer, Message, collate
+from hilight.text import VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Message, collate
 from hilight.video import load_video
 
 
@@ -49,6 +51,7 @@ def generate(
     pixel_values: torch.Tensor | None = None,
     video_embeds: torch.Tensor | None = None,
     streamer=None,
+    stopping=None,
 ) -> torch.Tensor:
     """New token ids [B, <= max_new_tokens] for a left-padded batch of prompts.
 
@@ -73,8 +76,21 @@ def generate(
         pad_token_id=model.config.llm.pad_token_id,
         use_cache=True,
         streamer=streamer,
+        stopping_criteria=stopping,
         **sampling,
     )
+
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "billiards-small"
+
+
+def default_model() -> Path:
+    """The model shipped inside the package."""
+    if not (BUNDLED_MODEL / "config.json").is_file():
+        from hilight.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{BUNDLED_MODEL}: this build has no bundled model yet; pass --model DIR")
+    return BUNDLED_MODEL
 
 
 def file_digest(path: str | Path) -> str:
@@ -138,3 +154,83 @@ class Engine:
     def answer(self, messages: Sequence[Message], videos: Sequence[str | Path] = (),
                settings: GenerationSettings | None = None) -> str:
         return self.answer_batch([(messages, videos)], settings)[0]
+
+
+class Cancelled(Exception):
+    """Generation was stopped by the caller."""
+
+
+@dataclass
+class Conversation:
+    """A chat: alternating user/model messages; ``videos`` follow the ``<video>`` markers in
+    reading order. A user turn is only committed once its videos have been read, so a bad
+    video never leaves the conversation half-changed."""
+
+    messages: list[Message] = field(default_factory=list)
+    videos: list[Path] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"messages": [{"role": m.role, "content": m.content} for m in self.messages],
+                "videos": [str(v) for v in self.videos]}
+
+
+def place_videos(text: str, count: int) -> str:
+    """``text`` with ``count`` videos: kept where ``<video>`` markers already are, otherwise put
+    before the text (the layout the original trained on)."""
+    markers = text.count(VIDEO_TOKEN)
+    if markers == count:
+        return text
+    if markers:
+        raise ConversationError(f"the message has {markers} {VIDEO_TOKEN} marker(s) for {count} video(s)")
+    return f"{VIDEO_TOKEN}\n" * count + text
+
+
+class _Stop(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: Sequence[str | Path] = (),
+                 settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+    """Add a user turn and stream the model's reply, chunk by chunk; the reply is appended to
+    the conversation when it finishes (also when cancelled, with what was generated)."""
+    settings = settings or GenerationSettings()
+    text = place_videos(text, len(videos))
+    paths = [Path(v) for v in videos]
+    for path in paths:  # decode and encode first: a bad video raises before anything changes
+        engine.video_embeddings(path)
+    messages = [*conversation.messages, Message("user", text)]
+    all_videos = [*conversation.videos, *paths]
+    encoded = engine.chat.encode(messages, generation=True, max_length=engine.model.config.text.max_length)
+    embeds = torch.stack([engine.video_embeddings(v) for v in all_videos]) if all_videos else None
+    batch = collate([encoded], engine.chat.pad_id, padding_side="left")
+    cancel = cancel or threading.Event()
+    streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            generate(engine.model, batch, engine.stop_ids, settings, video_embeds=embeds, streamer=streamer,
+                     stopping=StoppingCriteriaList([_Stop(cancel)]))
+        except BaseException as exc:  # reported to the caller below
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    reply = []
+    try:
+        for chunk in streamer:
+            reply.append(chunk)
+            yield chunk
+    finally:
+        cancel.set()  # a consumer that stops early stops the generation too
+        worker.join()
+        if not failure:
+            conversation.messages[:] = [*messages, Message("model", "".join(reply).strip())]
+            conversation.videos[:] = all_videos
+    if failure:
+        raise failure[0]
