@@ -413,6 +413,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"\nerror: {exc}")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    from hilight.engine import Engine
+    from hilight.server import create_app
+
+    path = _model_path(args.model)
+    engine = Engine.from_checkpoint(path)
+    app = create_app(engine, path.name, allowed_dir=args.allow_dir, max_video_bytes=args.max_video_mb << 20,
+                     max_concurrent=args.max_concurrent, queue_limit=args.queue)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -545,6 +562,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("videos", nargs="*", help="videos that go with your first message")
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions)")
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-dir", type=Path, help="allow file:// video URLs inside this directory")
+    p.add_argument("--max-video-mb", type=int, default=64)
+    p.add_argument("--max-concurrent", type=int, default=1, help="generations at once")
+    p.add_argument("--queue", type=int, default=32, help="requests allowed to wait; more get 503")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")

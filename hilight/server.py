@@ -1,0 +1,265 @@
+"""An OpenAI-compatible HTTP API: ``POST /v1/chat/completions`` (streaming or not),
+``GET /v1/models``, ``GET /health``.
+
+Messages carry text parts and video parts ``{"type": "video_url", "video_url": {"url": ...}}``
+with ``data:video/...;base64,`` URLs or, when the server was started with an allowed
+directory, ``file://`` paths inside it. Each video part becomes a ``<video>`` at its place in
+the text. Generations run one at a time per model (``max_concurrent``) behind a bounded queue;
+a full queue answers 503, a client that disconnects frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.text import VIDEO_TOKEN, ConversationError, Message
+from hilight.video import VideoError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+class VideoURL(BaseModel):
+    url: str
+
+
+class Part(BaseModel):
+    type: Literal["text", "video_url"]
+    text: str | None = None
+    video_url: VideoURL | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Part]
+
+
+class ChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=1000)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={
+        "error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}})
+
+
+class Gate:
+    """At most ``concurrent`` generations at once and ``queue`` waiting; more get 503."""
+
+    def __init__(self, concurrent: int, queue: int):
+        self.slots = asyncio.Semaphore(concurrent)
+        self.limit = concurrent + queue
+        self.inside = 0
+
+    async def __aenter__(self):
+        if self.inside >= self.limit:
+            raise APIError(503, "the server is busy: too many requests are waiting", "server_busy")
+        self.inside += 1
+        try:
+            await self.slots.acquire()
+        except BaseException:
+            self.inside -= 1
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.slots.release()
+        self.inside -= 1
+
+
+def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_video_bytes: int = 64 << 20,
+               max_request_bytes: int = 96 << 20, max_concurrent: int = 1, queue_limit: int = 32) -> FastAPI:
+    app = FastAPI(title="HiLight", version="1")
+    state: dict = {}
+    settings_cap = 4096
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:])
+        return _error(APIError(400, f"{where}: {first['msg']}", param=where or None))
+
+    @app.middleware("http")
+    async def limit_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_request_bytes:
+            return _error(APIError(413, f"request body of {length} bytes exceeds {max_request_bytes}",
+                                   "request_too_large"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "hilight"}]}
+
+    def video_file(url: str, workdir: Path) -> Path:
+        if url.startswith("data:"):
+            header, _, payload = url.partition(",")
+            if not header.endswith(";base64") or not header[5:].startswith(("video/", "image/", "application/")):
+                raise APIError(400, "video_url: only base64 data URLs of videos (data:video/...;base64,...)")
+            if len(payload) * 3 // 4 > max_video_bytes:
+                raise APIError(413, f"video larger than {max_video_bytes} bytes", "request_too_large")
+            try:
+                data = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise APIError(400, "video_url: invalid base64 data") from None
+            path = workdir / f"video-{uuid.uuid4().hex}"
+            path.write_bytes(data)
+            return path
+        if url.startswith("file://"):
+            if allowed_dir is None:
+                raise APIError(400, "video_url: file:// URLs are disabled (start the server with --allow-dir)")
+            path = Path(url.removeprefix("file://")).resolve()
+            if not path.is_relative_to(allowed_dir.resolve()):
+                raise APIError(400, f"video_url: {path} is outside the allowed directory")
+            return path
+        raise APIError(400, "video_url: use a data: URL or an allowed file:// path")
+
+    def to_conversation(req: ChatRequest, workdir: Path) -> tuple[Conversation, str, list[Path]]:
+        """Earlier turns become the conversation; the last user message is the new turn."""
+        system, turns, videos = [], [], []
+        for m in req.messages:
+            parts = [Part(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+            text = []
+            for part in parts:
+                if part.type == "text":
+                    text.append((part.text or "").replace(VIDEO_TOKEN, ""))  # no smuggled markers
+                elif part.video_url is None:
+                    raise APIError(400, "a video_url part needs a video_url object")
+                else:
+                    if m.role != "user":
+                        raise APIError(400, "videos may only appear in user messages")
+                    videos.append(video_file(part.video_url.url, workdir))
+                    text.append(f"{VIDEO_TOKEN}\n")
+            content = "".join(text).strip()
+            if m.role == "system":
+                system.append(content)
+            else:
+                turns.append(Message("user" if m.role == "user" else "model", content))
+        if not turns or turns[-1].role != "user":
+            raise APIError(400, "messages must end with a user message")
+        if system:
+            turns[0] = Message(turns[0].role, "\n".join(system) + "\n" + turns[0].content)
+        last_count = turns[-1].content.count(VIDEO_TOKEN)
+        earlier = Conversation(turns[:-1], videos[: len(videos) - last_count])
+        return earlier, turns[-1].content, videos[len(videos) - last_count:]
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        limit = req.max_completion_tokens or req.max_tokens or 256
+        settings = GenerationSettings(max_new_tokens=min(limit, settings_cap), do_sample=req.temperature > 0,
+                                      temperature=req.temperature or 1.0, top_p=req.top_p, top_k=req.top_k)
+        workdir = Path(tempfile.mkdtemp(prefix="hilight-req-"))
+        created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        gate: Gate = state.setdefault("gate", Gate(max_concurrent, queue_limit))
+        try:
+            conversation, text, videos = to_conversation(req, workdir)
+        except APIError:
+            _cleanup(workdir)
+            raise
+        cancel = threading.Event()
+        chunks: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def produce() -> None:
+            try:
+                for piece in stream_reply(engine, conversation, text, videos, settings, cancel):
+                    loop.call_soon_threadsafe(chunks.put_nowait, ("text", piece))
+                loop.call_soon_threadsafe(chunks.put_nowait, ("done", None))
+            except (VideoError, ConversationError, ValueError) as exc:
+                loop.call_soon_threadsafe(chunks.put_nowait, ("error", APIError(400, str(exc))))
+            except Exception as exc:  # reported to the client as a 500, logged here
+                log.exception("generation failed")
+                loop.call_soon_threadsafe(chunks.put_nowait, ("error", APIError(500, str(exc), "server_error")))
+
+        async def pieces():
+            async with gate:
+                task = loop.run_in_executor(None, produce)
+                try:
+                    while True:
+                        kind, value = await chunks.get()
+                        if kind == "done":
+                            break
+                        if kind == "error":
+                            raise value
+                        yield value
+                finally:
+                    cancel.set()  # a client that went away frees the slot
+                    await task
+                    _cleanup(workdir)
+
+        if not req.stream:
+            try:
+                answer = "".join([p async for p in pieces()]).strip()
+            except APIError as exc:
+                return _error(exc)
+            return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+
+        async def events():
+            def event(delta: dict, finish: str | None = None) -> str:
+                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                return f"data: {json.dumps(body)}\n\n"
+
+            yield event({"role": "assistant", "content": ""})
+            try:
+                async for piece in pieces():
+                    if await request.is_disconnected():
+                        break
+                    yield event({"content": piece})
+                yield event({}, "stop")
+            except APIError as exc:
+                yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind, 'code': exc.status}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        if gate.inside >= gate.limit:
+            _cleanup(workdir)
+            return _error(APIError(503, "the server is busy: too many requests are waiting", "server_busy"))
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def _cleanup(workdir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)

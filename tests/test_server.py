@@ -1,0 +1,148 @@
+import base64
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from hilight.checkpoint import save_checkpoint
+from hilight.demo import moving_balls_clip
+from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.model import HiLight
+from hilight.server import create_app
+from hilight.video import write_video
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer):
+    from hilight.config import tiny_config
+
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    model = HiLight(tiny_config(len(tokenizer)))
+    with torch.no_grad():  # random init answers only padding; larger weights give real text to compare
+        for p in model.llm.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(0, 0.1)
+    save_checkpoint(model, root / "model", tokenizer)
+    clips = [write_video(root / f"clip{i}.mp4", moving_balls_clip(16, 64, seed=i)) for i in range(3)]
+    engine = Engine.from_checkpoint(root / "model")
+    app = create_app(engine, "tiny-test", allowed_dir=root, max_video_bytes=1 << 20, max_request_bytes=4 << 20,
+                     queue_limit=24)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    yield {"client": client, "url": f"http://127.0.0.1:{port}", "clips": clips, "engine": engine, "root": root}
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _data_url(path) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _expected(engine, question, clips, max_new_tokens=12):
+    return "".join(stream_reply(engine, Conversation(), question, clips, GenerationSettings(max_new_tokens))).strip()
+
+
+def _ask(client, question, clips, **kw):
+    parts = [{"type": "video_url", "video_url": {"url": _data_url(c)}} for c in clips]
+    parts.append({"type": "text", "text": question})
+    return client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": parts}],
+                                          max_tokens=12, **kw)
+
+
+def test_health_and_models(served):
+    assert httpx.get(served["url"] + "/health").json()["status"] == "ok"
+    assert [m.id for m in served["client"].models.list().data] == ["tiny-test"]
+
+
+def test_answer_matches_the_engine(served):
+    reply = _ask(served["client"], "What happens?", served["clips"][:1])
+    answer = reply.choices[0].message.content
+    assert answer == _expected(served["engine"], "What happens?", served["clips"][:1])
+    assert answer  # the sharpened model says something
+
+
+def test_streaming_gives_the_same_answer(served):
+    stream = _ask(served["client"], "What happens?", served["clips"][:1], stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert text.strip() == _expected(served["engine"], "What happens?", served["clips"][:1])
+
+
+def test_two_videos_and_file_urls(served):
+    root = served["root"]
+    parts = [{"type": "text", "text": "Compare "}, {"type": "video_url", "video_url": {"url": f"file://{root}/clip1.mp4"}},
+             {"type": "text", "text": " with "}, {"type": "video_url", "video_url": {"url": _data_url(served["clips"][2])}}]
+    reply = served["client"].chat.completions.create(model="tiny-test", max_tokens=12,
+                                                     messages=[{"role": "user", "content": parts}])
+    expected = _expected(served["engine"], "Compare <video>\n with <video>", served["clips"][1:])
+    assert reply.choices[0].message.content == expected
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "end with a user message"),
+    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,bm9wZQ=="}}]}]},
+     400, "not a readable media file"),
+    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "file:///etc/passwd"}}]}]},
+     400, "outside the allowed directory"),
+    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}]}]},
+     400, "data: URL"),
+])
+def test_bad_requests_get_openai_style_errors(served, body, status, fragment):
+    r = httpx.post(served["url"] + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]["message"]
+
+
+def test_too_large_is_413(served):
+    big = "data:video/mp4;base64," + "A" * (2 << 20)
+    r = httpx.post(served["url"] + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": big}}]}]})
+    assert r.status_code == 413
+    with pytest.raises(openai.APIStatusError) as err:
+        _ask(served["client"], "x", served["clips"][:1], temperature=3.0)
+    assert err.value.status_code == 400
+
+
+def test_twenty_concurrent_requests_all_complete_correctly(served):
+    questions = [(f"Question {i}: what happens?", served["clips"][i % 3:i % 3 + 1]) for i in range(20)]
+    expected = [_expected(served["engine"], q, c) for q, c in questions]
+    with ThreadPoolExecutor(20) as pool:
+        replies = list(pool.map(lambda qc: _ask(served["client"], *qc).choices[0].message.content, questions))
+    assert replies == expected
+
+
+def test_full_queue_answers_503(tokenizer, tmp_path):
+    import asyncio
+
+    from hilight.server import APIError, Gate
+
+    async def scenario():
+        gate = Gate(concurrent=1, queue=1)
+        async with gate:
+            waiting = asyncio.ensure_future(gate.__aenter__())
+            await asyncio.sleep(0)
+            with pytest.raises(APIError) as err:
+                await gate.__aenter__()
+            assert err.value.status == 503
+        await waiting
+        await gate.__aexit__()
+
+    asyncio.run(scenario())
