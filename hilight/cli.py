@@ -430,6 +430,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webui(args: argparse.Namespace) -> int:
+    """The Gradio web UI."""
+    from hilight.webui import Models, launch
+
+    default = Path(args.model) if args.model else (None if args.models_dir else _model_path(None))
+    models = Models(default, args.models_dir)
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep:
+            raise ValueError("--auth must be user:password")
+        auth = (user, password)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    print(f"HiLight web UI on http://{args.host}:{args.port}")
+    launch(models, args.host, args.port, auth, args.max_upload_mb, args.max_duration)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -572,6 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=1, help="generations at once")
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait; more get 503")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("webui", help="Gradio web UI: several videos per conversation, streaming")
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--models-dir", type=Path, help="offer every checkpoint in this directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", help="user:password login")
+    p.add_argument("--max-upload-mb", type=int, default=200)
+    p.add_argument("--max-duration", type=float, default=600.0, help="longest accepted video, seconds")
+    p.set_defaults(func=cmd_webui)
 
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")

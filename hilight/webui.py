@@ -1,0 +1,189 @@
+"""The Gradio web UI: several videos per conversation, streaming answers, a model picker.
+
+Each browser session keeps its own videos and conversation. Videos are uploaded once, checked
+(size, duration, decodability) and listed in a gallery; a message takes the videos ticked in
+"videos for this message" (placed where its ``<video>`` markers are, or before the text).
+Errors are shown in the page and never drop the conversation or the other videos.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.text import VIDEO_TOKEN, ConversationError
+from hilight.video import VideoError, contact_sheet, decode_video
+
+log = logging.getLogger(__name__)
+
+
+class Models:
+    """Checkpoints found in a directory (and/or one given path), loaded on first use."""
+
+    def __init__(self, default: Path | None, models_dir: Path | None):
+        self.paths: dict[str, Path] = {}
+        if models_dir is not None:
+            for config in sorted(models_dir.glob("*/config.json")):
+                self.paths[config.parent.name] = config.parent
+        if default is not None:
+            self.paths.setdefault(default.name, default)
+        if not self.paths:
+            raise FileNotFoundError("no model: give --model or a --models-dir with checkpoints")
+        self.loaded: dict[str, Engine] = {}
+        self.lock = threading.Lock()
+
+    def get(self, name: str) -> Engine:
+        with self.lock:
+            if name not in self.loaded:
+                self.loaded[name] = Engine.from_checkpoint(self.paths[name])
+            return self.loaded[name]
+
+
+def _new_session() -> dict:
+    return {"conversation": Conversation(), "videos": {}, "dir": tempfile.mkdtemp(prefix="hilight-ui-")}
+
+
+def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 600.0) -> gr.Blocks:
+    names = list(models.paths)
+
+    def add_videos(files, session):
+        session = session or _new_session()
+        problems = []
+        for f in files or []:
+            path = Path(f if isinstance(f, str) else f.name)
+            size = path.stat().st_size
+            if size > max_upload_mb << 20:
+                problems.append(f"{path.name}: {size >> 20} MB is over the {max_upload_mb} MB limit")
+                continue
+            engine = models.get(names[0])
+            try:
+                decoded = decode_video(path, engine.model.config.video)
+            except VideoError as exc:
+                problems.append(str(exc).replace(str(path), path.name))
+                continue
+            if decoded.duration > max_duration_s:
+                problems.append(f"{path.name}: {decoded.duration:.0f} s is over the {max_duration_s:.0f} s limit")
+                continue
+            name = _unique(path.name, session["videos"])
+            kept = Path(session["dir"]) / name
+            shutil.copy(path, kept)
+            session["videos"][name] = kept
+        for p in problems:
+            gr.Warning(p)
+        status = "; ".join(problems) if problems else f"{len(session['videos'])} video(s) in this session"
+        choices = list(session["videos"])
+        gallery = [(str(p), n) for n, p in session["videos"].items()]
+        return session, gr.update(choices=choices), gr.update(choices=choices), gallery, status
+
+    def send(message, chosen, history, session, model_name, max_new, temperature, top_p, top_k, beams):
+        session = session or _new_session()
+        history = list(history or [])
+        if not message.strip() and not chosen:
+            yield history, message, session, "type a message"
+            return
+        videos = [session["videos"][n] for n in chosen or []]
+        settings = GenerationSettings(max_new_tokens=int(max_new), do_sample=temperature > 0,
+                                      temperature=temperature or 1.0, top_p=top_p, top_k=int(top_k),
+                                      num_beams=int(beams))
+        shown = message + (f"\n\n🎞 {', '.join(chosen)}" if chosen else "")
+        history += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
+        try:
+            engine = models.get(model_name)
+            stream = stream_reply(engine, session["conversation"], message, videos, settings)
+            for chunk in stream:
+                history[-1]["content"] += chunk
+                yield history, "", session, "answering..."
+            yield history, "", session, f"{len(session['conversation'].messages) // 2} turn(s)"
+        except (VideoError, ConversationError, ValueError) as exc:
+            gr.Warning(str(exc))
+            yield history[:-2], message, session, f"error: {exc}"
+
+    def frames(name, session):
+        if not session or name not in session["videos"]:
+            gr.Warning("pick a video first")
+            return None
+        engine = models.get(names[0])
+        return contact_sheet(session["videos"][name], engine.model.config.video)
+
+    def reset_chat(session):
+        session = session or _new_session()
+        session["conversation"] = Conversation()
+        return [], session, "conversation cleared (videos kept)"
+
+    def reset_all(session):
+        if session:
+            shutil.rmtree(session["dir"], ignore_errors=True)
+        return [], _new_session(), gr.update(choices=[], value=[]), gr.update(choices=[], value=None), [], "cleared"
+
+    def switch_model(name, session):
+        models.get(name)
+        session = session or _new_session()
+        session["conversation"] = Conversation()  # a different model starts a new chat
+        loaded = ", ".join(models.loaded)
+        return [], session, f"model {name} ready (loaded: {loaded}); conversation cleared"
+
+    with gr.Blocks(title="HiLight") as app:
+        session = gr.State(None)
+        gr.Markdown("## HiLight: talk with your videos")
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(names, value=names[0], label="model")
+                uploads = gr.File(file_count="multiple", label=f"upload videos (≤ {max_upload_mb} MB each)")
+                gallery = gr.Gallery(label="videos in this session", columns=3, height=200)
+                with gr.Row():
+                    pick = gr.Dropdown([], label="show sampled frames of", scale=3)
+                    show = gr.Button("frames", scale=1)
+                sheet = gr.Image(label="what the model sees", type="pil")
+                with gr.Accordion("sampling", open=False):
+                    max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens")
+                    temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p")
+                    top_k = gr.Slider(0, 100, value=0, step=1, label="top-k (0 = off)")
+                    beams = gr.Slider(1, 4, value=1, step=1, label="beams")
+            with gr.Column(scale=2):
+                chat = gr.Chatbot(label="conversation", height=460)
+                chosen = gr.CheckboxGroup([], label=f"videos for this message (placed at {VIDEO_TOKEN} markers, "
+                                                    "or before the text)")
+                with gr.Row():
+                    message = gr.Textbox(placeholder="Ask about the videos...", show_label=False, scale=5)
+                    insert = gr.Button(f"insert {VIDEO_TOKEN}", scale=1)
+                    send_button = gr.Button("send", variant="primary", scale=1)
+                with gr.Row():
+                    clear = gr.Button("reset chat")
+                    clear_all = gr.Button("reset all")
+                status = gr.Markdown("")
+
+        uploads.upload(add_videos, [uploads, session], [session, chosen, pick, gallery, status], api_name="upload")
+        inputs = [message, chosen, chat, session, model, max_new, temperature, top_p, top_k, beams]
+        send_button.click(send, inputs, [chat, message, session, status], api_name="send")
+        message.submit(send, inputs, [chat, message, session, status])
+        insert.click(lambda text: f"{text}{VIDEO_TOKEN}", message, message)
+        show.click(frames, [pick, session], sheet)
+        clear.click(reset_chat, session, [chat, session, status])
+        clear_all.click(reset_all, session, [chat, session, chosen, pick, gallery, status])
+        model.change(switch_model, [model, session], [chat, session, status])
+    return app
+
+
+def _unique(name: str, taken: dict) -> str:
+    stem, suffix, n = Path(name).stem, Path(name).suffix, 2
+    candidate = name
+    while candidate in taken:
+        candidate, n = f"{stem}-{n}{suffix}", n + 1
+    return candidate
+
+
+def launch(models: Models, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
+           max_upload_mb: int = 200, max_duration_s: float = 600.0, block: bool = True):
+    """Serve the UI (never through a public share link)."""
+    app = build_app(models, max_upload_mb, max_duration_s)
+    app.queue(default_concurrency_limit=1, max_size=32)
+    app.launch(server_name=host, server_port=port, auth=auth, share=False, max_file_size=f"{max_upload_mb}mb",
+               prevent_thread_lock=not block, quiet=True, show_error=True)
+    return app
