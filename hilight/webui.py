@@ -91,7 +91,7 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
         settings = GenerationSettings(max_new_tokens=int(max_new), do_sample=temperature > 0,
                                       temperature=temperature or 1.0, top_p=top_p, top_k=int(top_k),
                                       num_beams=int(beams))
-        shown = message + (f"\n\n🎞 {', '.join(chosen)}" if chosen else "")
+        shown = message + (f"\n\n[videos: {', '.join(chosen)}]" if chosen else "")
         history += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
         try:
             engine = models.get(model_name)
