@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from hilight.data import read_records, record_videos
 from hilight.engine import Engine, GenerationSettings
 from hilight.scoring import exact_match, extract, token_f1
 from hilight.synth.qa import KINDS
@@ -37,7 +38,6 @@ class Item:
     truth: str | None = None
     answer: str = ""
     blind_answer: str | None = None  # set when the blind baseline ran
-    extra: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str | None:
@@ -46,19 +46,13 @@ class Item:
 
 def load_items(data: Path, videos: Path) -> tuple[list[Item], list[str]]:
     """Items from a LLaVA-style JSON; malformed records are reported and skipped."""
-    try:
-        records = json.loads(Path(data).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{data}: cannot read JSON ({exc})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{data}: expected a list of records")
+    records = read_records(data)
     items, problems = [], []
     for n, rec in enumerate(records):
         rid = str(rec.get("id", n)) if isinstance(rec, dict) else str(n)
         try:
             messages = from_llava(rec["conversations"])
-            paths = rec.get("video") or []
-            paths = [paths] if isinstance(paths, str) else list(paths)
+            paths = record_videos(rec, videos)
             if sum(m.content.count(VIDEO_TOKEN) for m in messages) != len(paths):
                 raise ConversationError(f"{len(paths)} video(s) but a different number of {VIDEO_TOKEN} markers")
             meta = rec.get("meta") or {}
@@ -66,7 +60,7 @@ def load_items(data: Path, videos: Path) -> tuple[list[Item], list[str]]:
                 turn = k // 2
                 items.append(Item(
                     id=f"{rid}#{turn}" if len(messages) > 2 else rid, messages=messages[:k],
-                    videos=[videos / p for p in paths], reference=messages[k].content,
+                    videos=paths, reference=messages[k].content,
                     qtype=meta["types"][turn] if meta else None, truth=meta["truth"][turn] if meta else None))
         except (KeyError, TypeError, IndexError, ConversationError) as exc:
             problems.append(f"record {rid}: {exc}")

@@ -39,3 +39,24 @@ def clips(config, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     v = config.video
     return torch.randn(n, v.num_frames, 3, v.image_size, v.image_size, generator=g)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def talkative_checkpoint(path, tokenizer, seed: int = 0):
+    """A tiny checkpoint whose random LLM weights are wide enough to emit real tokens
+    (default init mostly emits padding), so answers can be compared."""
+    from hilight.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = HiLight(tiny_config(len(tokenizer)))
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(0, 0.1)
+    return save_checkpoint(model, path, tokenizer)

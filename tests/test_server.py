@@ -1,5 +1,4 @@
 import base64
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -7,39 +6,24 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
-from hilight.checkpoint import save_checkpoint
 from hilight.demo import moving_balls_clip
 from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
-from hilight.model import HiLight
 from hilight.server import create_app
 from hilight.video import write_video
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, talkative_checkpoint
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tokenizer):
-    from hilight.config import tiny_config
-
     root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    model = HiLight(tiny_config(len(tokenizer)))
-    with torch.no_grad():  # random init answers only padding; larger weights give real text to compare
-        for p in model.llm.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(0, 0.1)
-    save_checkpoint(model, root / "model", tokenizer)
+    talkative_checkpoint(root / "model", tokenizer, seed=0)
     clips = [write_video(root / f"clip{i}.mp4", moving_balls_clip(16, 64, seed=i)) for i in range(3)]
     engine = Engine.from_checkpoint(root / "model")
     app = create_app(engine, "tiny-test", allowed_dir=root, max_video_bytes=1 << 20, max_request_bytes=4 << 20,
                      queue_limit=24)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,45 +1,29 @@
 import os
 import shutil
-import socket
 import time
 
 import pytest
-import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from gradio_client import Client, handle_file  # noqa: E402
 
-from hilight.checkpoint import save_checkpoint  # noqa: E402
 from hilight.demo import moving_balls_clip  # noqa: E402
 from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply  # noqa: E402
-from hilight.model import HiLight  # noqa: E402
 from hilight.video import write_video  # noqa: E402
 from hilight.webui import Models, launch  # noqa: E402
+from tests.conftest import free_port, talkative_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, tokenizer):
-    from hilight.config import tiny_config
-
     root = tmp_path_factory.mktemp("ui")
-    torch.manual_seed(1)
-    model = HiLight(tiny_config(len(tokenizer)))
-    with torch.no_grad():
-        for p in model.llm.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(0, 0.1)
-    save_checkpoint(model, root / "models" / "tiny-a", tokenizer)
+    talkative_checkpoint(root / "models" / "tiny-a", tokenizer, seed=1)
     clip = write_video(root / "pool-shot.mp4", moving_balls_clip(16, 64, seed=3))
     (root / "notes.mp4").write_text("not a video")
-    port = _free_port()
+    port = free_port()
     app = launch(Models(None, root / "models"), port=port, max_upload_mb=5, block=False)
     yield {"url": f"http://127.0.0.1:{port}/", "clip": clip, "bad": root / "notes.mp4", "root": root}
     app.close()
