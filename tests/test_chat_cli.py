@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hilight.demo import moving_balls_clip
+from hilight.engine import Conversation, Engine, GenerationSettings, place_videos, stream_reply
+from hilight.text import ConversationError
+from hilight.video import write_video
+from tests.conftest import talkative_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("chat")
+    model = talkative_checkpoint(root / "model", tokenizer, seed=2)
+    clips = [write_video(root / f"c{i}.mp4", moving_balls_clip(12, 64, seed=i)) for i in range(2)]
+    (root / "bad.mp4").write_text("nope")
+    return root, model, clips
+
+
+def _run(args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "hilight", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_place_videos():
+    assert place_videos("Which?", 2) == "<video>\n<video>\nWhich?"
+    assert place_videos("Compare <video> and <video>", 2) == "Compare <video> and <video>"
+    with pytest.raises(ConversationError, match="1 <video> marker"):
+        place_videos("<video> and?", 2)
+
+
+def test_ask_json(setup):
+    root, model, clips = setup
+    out = _run(["ask", str(clips[0]), str(clips[1]), "Compare <video> with <video>.", "--model", str(model), "--json",
+                "--max-new-tokens", "10"])
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    engine = Engine.from_checkpoint(model)
+    expected = "".join(stream_reply(engine, Conversation(), "Compare <video> with <video>.", clips,
+                                    GenerationSettings(10))).strip()
+    assert result["answer"] == expected and result["videos"] == [str(c) for c in clips]
+
+
+def test_ask_bad_video_is_one_line(setup):
+    root, model, _ = setup
+    out = _run(["ask", str(root / "bad.mp4"), "What?", "--model", str(model)])
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "bad.mp4: not a readable media file" in out.stderr
+
+
+def test_chat_session(setup, tmp_path):
+    root, model, clips = setup
+    transcript = tmp_path / "t.json"
+    script = (f"/video {root / 'bad.mp4'}\n/video {clips[1]}\nWhat happens?\nAnd then?\n/history\n"
+              f"/save {transcript}\n/reset\n/history\n/quit\n")
+    out = _run(["chat", str(clips[0]), "--model", str(model), "--max-new-tokens", "6"], script)
+    assert out.returncode == 0, out.stderr
+    assert "error: " in out.stdout and "bad.mp4" in out.stdout  # the bad video is reported, the chat goes on
+    saved = json.loads(transcript.read_text())
+    assert [m["role"] for m in saved["messages"]] == ["user", "model", "user", "model"]
+    assert saved["messages"][0]["content"] == "<video>\n<video>\nWhat happens?"
+    assert saved["videos"] == [str(clips[0]), str(clips[1])]
+    assert "conversation cleared" in out.stdout
