@@ -9,4 +9,4 @@ fi
 bash scripts/setup.sh --test
 .venv/bin/pip install --quiet "selenium>=4.20"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-.venv/bin/python -m pytest -q -m slow tests/test_webui.py
+.venv/bin/python -m pytest -q tests/test_webui.py

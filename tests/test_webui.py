@@ -54,11 +54,10 @@ def test_upload_ask_and_keep_the_conversation_on_errors(ui):
     assert status.startswith("error") and len(kept) == 2 and message == "<video> and <video>?"
 
 
-@pytest.mark.slow
 def test_in_a_real_headless_browser(ui):
     """Chromium (Debian's chromium + chromium-driver) drives the page: upload, ask, see the answer."""
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.skip("needs chromium and chromium-driver: bash scripts/browser-test.sh installs them")
+        pytest.skip("needs chromium and chromium-driver (scripts/test.sh installs them when run as root)")
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
