@@ -30,8 +30,8 @@ from hilight.config import billiards_small_config
 from hilight.engine import BUNDLED_MODEL, Conversation, Engine, GenerationSettings, stream_reply
 from hilight.model import HiLight
 from hilight.server import create_app
-from hilight.synth.dataset import render_clip
 from hilight.synth.billiards import TableConfig
+from hilight.synth.dataset import render_clip
 from hilight.tokenizer import DEMO_CORPUS, train_tokenizer
 from hilight.video import write_video
 
@@ -77,13 +77,16 @@ def main() -> None:
             model=model_dir.name, max_tokens=NEW_TOKENS, stream=True,
             messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
                                                    {"type": "text", "text": question}]}])
+        tokens = 0
         for chunk in reply:
             piece = chunk.choices[0].delta.content or ""
             if piece and first is None:
                 first = time.perf_counter() - start
             text += piece
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
         total = time.perf_counter() - start
-        return first or total, total, len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return first or total, total, tokens
 
     request("warm-up")
     engine._videos.clear()  # the first request below pays for decoding and encoding the video

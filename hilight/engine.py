@@ -185,6 +185,21 @@ def place_videos(text: str, count: int) -> str:
     return f"{VIDEO_TOKEN}\n" * count + text
 
 
+class _CountingStreamer(TextIteratorStreamer):
+    """Counts the generated tokens (the first ``put`` is the prompt, skipped)."""
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.generated = 0
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.generated += value.numel()
+        self._prompt_seen = True
+        super().put(value)
+
+
 class _Stop(StoppingCriteria):
     def __init__(self, event: threading.Event):
         self.event = event
@@ -194,9 +209,11 @@ class _Stop(StoppingCriteria):
 
 
 def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: Sequence[str | Path] = (),
-                 settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+                 settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
+                 usage: dict | None = None) -> Iterator[str]:
     """Add a user turn and stream the model's reply, chunk by chunk; the reply is appended to
-    the conversation when it finishes (also when cancelled, with what was generated)."""
+    the conversation when it finishes (also when cancelled, with what was generated). ``usage``,
+    if given, receives ``prompt_tokens`` and ``completion_tokens``."""
     settings = settings or GenerationSettings()
     text = place_videos(text, len(videos))
     paths = [Path(v) for v in videos]
@@ -208,7 +225,7 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
     embeds = torch.stack([engine.video_embeddings(v) for v in all_videos]) if all_videos else None
     batch = collate([encoded], engine.chat.pad_id, padding_side="left")
     cancel = cancel or threading.Event()
-    streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _CountingStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -232,5 +249,7 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
         if not failure:
             conversation.messages[:] = [*messages, Message("model", "".join(reply).strip())]
             conversation.videos[:] = all_videos
+        if usage is not None:
+            usage.update(prompt_tokens=len(encoded), completion_tokens=streamer.generated)
     if failure:
         raise failure[0]

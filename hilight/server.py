@@ -194,12 +194,13 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             _cleanup(workdir)
             raise
         cancel = threading.Event()
+        usage: dict = {"prompt_tokens": 0, "completion_tokens": 0}
         chunks: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         def produce() -> None:
             try:
-                for piece in stream_reply(engine, conversation, text, videos, settings, cancel):
+                for piece in stream_reply(engine, conversation, text, videos, settings, cancel, usage):
                     loop.call_soon_threadsafe(chunks.put_nowait, ("text", piece))
                 loop.call_soon_threadsafe(chunks.put_nowait, ("done", None))
             except (VideoError, ConversationError, ValueError) as exc:
@@ -232,7 +233,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                                  "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+                    "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
 
         async def events():
             def event(delta: dict, finish: str | None = None) -> str:
@@ -246,7 +247,9 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                     if await request.is_disconnected():
                         break
                     yield event({"content": piece})
-                yield event({}, "stop")
+                final = json.loads(event({}, "stop")[6:])
+                final["usage"] = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+                yield f"data: {json.dumps(final)}\n\n"
             except APIError as exc:
                 yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind, 'code': exc.status}})}\n\n"
             yield "data: [DONE]\n\n"

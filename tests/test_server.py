@@ -130,3 +130,8 @@ def test_full_queue_answers_503(tokenizer, tmp_path):
         await gate.__aexit__()
 
     asyncio.run(scenario())
+
+
+def test_usage_counts_generated_tokens(served):
+    reply = _ask(served["client"], "What happens?", served["clips"][:1])
+    assert 0 < reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 16
