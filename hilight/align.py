@@ -38,6 +38,7 @@ from hilight.convert import map_keys, torch_state_file
 from hilight.data import FeatureCache
 from hilight.loop import finish, fit, make_accelerator
 from hilight.model.clip_vip import CLIPViPVideoTower
+from hilight.model.long_clip import LongCLIPImageTower
 from hilight.video import VideoError, load_video
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,11 @@ class TextTower(nn.Module):
 
 
 class VideoTextAligner(nn.Module):
-    def __init__(self, video_tower: CLIPViPVideoTower, text: TextTower):
+    """A visual tower and a text tower with a learned temperature. The visual tower is the
+    CLIP-ViP video tower or, for the Long-CLIP role, the image tower run on every frame (its
+    video embedding is the mean of the frames' projected CLS, its patches those of all frames)."""
+
+    def __init__(self, video_tower: CLIPViPVideoTower | LongCLIPImageTower, text: TextTower):
         super().__init__()
         self.video_tower = video_tower
         self.text = text
@@ -84,7 +89,12 @@ class VideoTextAligner(nn.Module):
         return loss
 
     def encode_video(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled [B, d] and per-patch [B, T*L, d] embeddings (proxy tokens excluded)."""
+        """Pooled [B, d] and per-patch [B, T*L, d] embeddings (proxy / CLS tokens excluded)."""
+        if isinstance(self.video_tower, LongCLIPImageTower):
+            b, t = pixels.shape[:2]
+            tokens = self.video_tower.project(self.video_tower.tokens(pixels.flatten(0, 1)))  # [B*T, 1+g*g, d]
+            tokens = tokens.view(b, t, tokens.shape[1], -1)  # [B, T, 1+g*g, d]
+            return tokens[:, :, 0].mean(1), tokens[:, :, 1:].flatten(1, 2)
         hidden = self.video_tower(pixels)  # [B, M + T*L, D]
         projected = self.video_tower.visual_projection(self.video_tower.post_layernorm(hidden))  # [B, M + T*L, d]
         return projected[:, 0], projected[:, self.video_tower.cfg.num_proxy_tokens:]
@@ -200,7 +210,7 @@ def build_aligner(cfg: AlignConfig):
         raise CheckpointError(f"{cfg.model}: tokenizer has {len(tokenizer)} tokens, text_tower.vocab_size is "
                               f"{cfg.text_tower.vocab_size}")
     text = TextTower(cfg.text_tower, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    aligner = VideoTextAligner(model.video_tower, text)
+    aligner = VideoTextAligner(model.video_tower if cfg.tower == "video" else model.image_tower, text)
     if cfg.text_init:
         load_clipvip_text(aligner, Path(cfg.text_init))
     return model, tokenizer, aligner
@@ -252,12 +262,13 @@ def align(cfg: AlignConfig, resume: bool = False) -> dict:
     final = Path(cfg.output_dir) / "final"
     if accelerator.is_main_process:
         trained = result["model"]
-        model.video_tower.load_state_dict(trained.video_tower.state_dict())
+        target = model.video_tower if cfg.tower == "video" else model.image_tower
+        target.load_state_dict(trained.video_tower.state_dict())
         save_checkpoint(model, final, tokenizer)
         text_state = {f"text.{k}": v.detach().contiguous() for k, v in trained.text.state_dict().items()}
         text_state["logit_scale"] = trained.logit_scale.detach().clone()
         save_file(text_state, final / TEXT_WEIGHTS)
-        (final / ALIGN_META).write_text(json.dumps({"text_tower": asdict(cfg.text_tower),
+        (final / ALIGN_META).write_text(json.dumps({"text_tower": asdict(cfg.text_tower), "tower": cfg.tower,
                                                     "max_positions": cfg.text_tower.max_positions}, indent=1) + "\n")
     finish(accelerator)
     return {"final_loss": result["final_loss"], "steps": result["steps"], "pairs": len(train_set),
@@ -270,11 +281,13 @@ def load_aligner(path: str | Path):
     if not (path / ALIGN_META).is_file():
         raise CheckpointError(f"{path}: no {ALIGN_META}; not the output of `hilight align`")
     model, tokenizer = load_checkpoint(path)
-    text_cfg = from_dict(TextTowerConfig, json.loads((path / ALIGN_META).read_text())["text_tower"])
-    aligner = VideoTextAligner(model.video_tower, TextTower(text_cfg, tokenizer.pad_token_id, tokenizer.bos_token_id,
-                                                            tokenizer.eos_token_id))
+    meta = json.loads((path / ALIGN_META).read_text())
+    text_cfg = from_dict(TextTowerConfig, meta["text_tower"])
+    tower = model.image_tower if meta.get("tower") == "image" else model.video_tower
+    aligner = VideoTextAligner(tower, TextTower(text_cfg, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                                tokenizer.eos_token_id))
     state = load_file(path / TEXT_WEIGHTS)
-    video = {f"video_tower.{k}": v for k, v in model.video_tower.state_dict().items()}
+    video = {f"video_tower.{k}": v for k, v in tower.state_dict().items()}
     load_state_strict(aligner, {**state, **video}, where=str(path))
     return aligner.eval(), tokenizer, model.config.video
 

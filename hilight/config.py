@@ -336,7 +336,8 @@ class AlignDataConfig:
 class AlignConfig(LoopConfig):
     """Video-text alignment (CLIP-ViP+) of a checkpoint's video tower."""
 
-    model: str = ""  # HiLight checkpoint: its video tower is aligned, its tokenizer reads the captions
+    model: str = ""  # HiLight checkpoint: its tower is aligned, its tokenizer reads the captions
+    tower: Literal["video", "image"] = "video"  # image: the Long-CLIP-role tower, frame by frame
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
     text_init: str = ""  # optional pretrain_clipvip_base_16.pt: its clipmodel.text_model.* start the text tower
     data: AlignDataConfig = field(default_factory=AlignDataConfig)

@@ -142,3 +142,21 @@ def test_align_command_end_to_end(tmp_path, capsys):
     assert main(["eval-retrieval", "--model", str(final), "--data", str(data / "val-captions.json"),
                  "--videos", str(data / "videos"), "--out", str(tmp_path / "r")]) == 0
     assert "| text to video |" in (tmp_path / "r" / "retrieval.md").read_text()
+
+
+def test_image_tower_alignment_frame_by_frame(tokenizer):
+    from hilight.model.long_clip import LongCLIPImageTower
+
+    cfg = tiny_config(len(tokenizer))
+    text_cfg = TextTowerConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
+                               num_heads=2, max_positions=64, projection_dim=cfg.image_tower.output_dim)
+    text = TextTower(text_cfg, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    tower = LongCLIPImageTower(cfg.image_tower)
+    aligner = VideoTextAligner(tower, text)
+    pixels = torch.randn(2, 4, 3, 32, 32)
+    pooled, patches = aligner.encode_video(pixels)
+    torch.testing.assert_close(pooled, tower(pixels).mean(1), atol=1e-5, rtol=1e-5)  # mean of the frames' CLS
+    assert patches.shape == (2, 4 * 16, cfg.image_tower.output_dim)
+    ids, mask, local = CaptionTokenizer(tokenizer, 64, [])(["The red ball.", "A blue ball."], True)
+    aligner(pixels, ids, mask, local, AlignLossConfig()).backward()
+    assert tower.conv1.weight.grad.abs().sum() > 0

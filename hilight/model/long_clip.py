@@ -83,6 +83,14 @@ class LongCLIPImageTower(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, output_dim]."""
+        return self.project(self.tokens(images)[:, 0])  # [N, output_dim]
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Transformer outputs [..., D] -> embeddings [..., output_dim] (ln_post, proj)."""
+        return self.ln_post(tokens) @ self.proj
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Transformer outputs [N, 1 + g*g, D] (CLS first), before ln_post."""
         x = self.conv1(images.to(self.conv1.weight.dtype))  # [N, D, g, g]
         x = x.flatten(2).transpose(1, 2)  # [N, g*g, D]
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
@@ -93,7 +101,7 @@ class LongCLIPImageTower(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.ln_post(x[:, 0]) @ self.proj  # [N, output_dim]
+        return x
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         b, t = pixel_values.shape[:2]
