@@ -449,6 +449,24 @@ def cmd_webui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """Train the bundled model from scratch, reproducibly."""
+    import json
+
+    from hilight.recipe import RecipeBudget, billiards_small, bundle
+
+    budget = RecipeBudget(clips=args.clips, align_steps=args.align_steps, image_align_steps=args.image_align_steps,
+                          stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
+    summary = billiards_small(args.out, seed=args.seed, budget=budget, workers=args.workers)
+    print(json.dumps(summary, indent=1))
+    if args.bundle:
+        from hilight.engine import BUNDLED_MODEL
+
+        bundle(args.out, BUNDLED_MODEL, Path("examples"))
+        print(f"bundled into {BUNDLED_MODEL} with example clips in examples/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -601,6 +619,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=int, default=200)
     p.add_argument("--max-duration", type=float, default=600.0, help="longest accepted video, seconds")
     p.set_defaults(func=cmd_webui)
+
+    p = sub.add_parser("recipe", help="train the bundled model end to end (synthetic billiards)")
+    p.add_argument("name", choices=["billiards-small"])
+    p.add_argument("--out", type=Path, default=Path("runs/recipe"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clips", type=int, default=1000)
+    p.add_argument("--align-steps", type=int, default=400)
+    p.add_argument("--image-align-steps", type=int, default=200)
+    p.add_argument("--stage1-steps", type=int, default=300)
+    p.add_argument("--stage2-steps", type=int, default=1500)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--bundle", action="store_true", help="copy the result into the package and examples/")
+    p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")
