@@ -467,6 +467,35 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_examples(args: argparse.Namespace) -> int:
+    """Ask the model the example questions about the bundled clips; show the true answers."""
+    import json
+
+    from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+    from hilight.scoring import extract
+    from hilight.synth.qa import KINDS
+    from hilight.text import from_llava
+
+    folder = args.examples
+    if not (folder / "questions.json").is_file():
+        raise FileNotFoundError(f"{folder}: no questions.json (the bundled examples)")
+    engine = Engine.from_checkpoint(_model_path(args.model))
+    right = 0
+    records = json.loads((folder / "questions.json").read_text())
+    for record in records:
+        question, truth = (m.content for m in from_llava(record["conversations"]))
+        videos = [folder / v for v in ([record["video"]] if isinstance(record["video"], str) else record["video"])]
+        answer = "".join(stream_reply(engine, Conversation(), question, videos, GenerationSettings(48))).strip()
+        qtype, value = record["meta"]["types"][0], record["meta"]["truth"][0]
+        ok = extract(KINDS[qtype], answer) == value
+        right += ok
+        print(f"{', '.join(v.name for v in videos)}: {question.replace('<video>', '').strip()}")
+        print(f"  model: {answer}")
+        print(f"  truth: {truth}   [{'right' if ok else 'wrong'}]")
+    print(f"{right} of {len(records)} right")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
     from hilight.convert import FORMATS
@@ -632,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--bundle", action="store_true", help="copy the result into the package and examples/")
     p.set_defaults(func=cmd_recipe)
+
+    p = sub.add_parser("examples", help="ask the bundled model about the example clips")
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--examples", type=Path, default=Path(__file__).resolve().parents[1] / "examples")
+    p.set_defaults(func=cmd_examples)
 
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")

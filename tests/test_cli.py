@@ -6,7 +6,7 @@ import pytest
 from hilight.cli import build_parser, main
 
 COMMANDS = ["info", "convert", "frames", "synth", "init", "eval", "data", "extract-features", "train", "align",
-            "eval-retrieval", "align-ablation", "merge-lora", "ask", "chat", "serve", "webui", "recipe", "demo"]
+            "eval-retrieval", "align-ablation", "merge-lora", "ask", "chat", "serve", "webui", "recipe", "examples", "demo"]
 
 
 def test_help_lists_the_subcommands():
