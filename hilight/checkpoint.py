@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +156,17 @@ def tensor_shapes(path: str | Path) -> dict[str, tuple[list[int], str]]:
 
 
 def load_state_strict(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], allowed_missing: Iterable[str] = (), where: str = ""
+    model: torch.nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str] | None = None, where: str = ""
 ) -> None:
-    """``load_state_dict`` that assigns tensors and raises on any unexpected name, any missing
-    name outside ``allowed_missing``, and any shape mismatch, listing the names."""
+    """``load_state_dict(strict=True, assign=True)`` that first lists every unexpected,
+    missing or misshapen name in one error. ``tied`` maps names that are never stored (a tied
+    ``lm_head``) to the stored tensor they share."""
+    state = dict(state)
+    for alias, source in (tied or {}).items():
+        if alias not in state and source in state:
+            state[alias] = state[source]
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state) - set(allowed_missing))
+    missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
     problems = []
@@ -175,7 +179,11 @@ def load_state_strict(
         problems.append(f"wrong shape {len(wrong)}: {', '.join(detail)}")
     if problems:
         raise CheckpointError(f"{where}: state dict does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def tied_keys(config: HiLightConfig) -> dict[str, str]:
+    return {TIED_KEY: "llm.model.embed_tokens.weight"} if config.llm.tie_word_embeddings else {}
 
 
 def build_empty(config: HiLightConfig) -> HiLight:
@@ -202,8 +210,7 @@ def load_checkpoint(
     state = load_weights(path)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    allowed = {TIED_KEY} if config.llm.tie_word_embeddings else set()
-    load_state_strict(model, state, allowed_missing=allowed, where=str(path))
+    load_state_strict(model, state, tied=tied_keys(config), where=str(path))
     tie_llm_embeddings(model)
     model.set_trainable(config.trainable)
     model.to(device).eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hilight.checkpoint import TIED_KEY, build_empty, load_state_strict, tie_llm_embeddings
+from hilight.checkpoint import TIED_KEY, build_empty, load_state_strict, tie_llm_embeddings, tied_keys
 from hilight.config import HiLightConfig, llm_config_from_hf
 from hilight.model import HiLight
 from hilight.model.clip_vip import CLIPViPVideoTower
@@ -228,7 +228,6 @@ def assemble(
             raise ConversionError(f"{llm_dir}: lm_head.weight differs from the tied embedding table")
     model = build_empty(config)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    allowed = {TIED_KEY} if config.llm.tie_word_embeddings else set()
-    load_state_strict(model, state, allowed_missing=allowed, where="assembled checkpoint")
+    load_state_strict(model, state, tied=tied_keys(config), where="assembled checkpoint")
     tie_llm_embeddings(model)
     return model.eval()

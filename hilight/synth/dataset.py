@@ -99,7 +99,8 @@ def conversations(split: str, truths: list[ShotTruth], seed: int) -> list[dict]:
         picks = rng.choice(len(qas), size=min(3, len(qas)), replace=False)
         records.append(_record(f"{split}-{i:05d}-multi", [name], [qas[k] for k in picks], SINGLE_LAYOUTS[0]))
     order = rng.permutation(len(truths))
-    for a, b in zip(order[0::2], order[1::2], strict=False):
+    pairs = len(order) // 2 * 2  # an odd clip out is left without a partner
+    for a, b in zip(order[0:pairs:2], order[1:pairs:2], strict=True):
         names = [clip_name(split, int(a)), clip_name(split, int(b))]
         for qa in pair_qas(truths[a], truths[b], rng):
             layout = PAIR_LAYOUTS[int(rng.integers(len(PAIR_LAYOUTS)))]
