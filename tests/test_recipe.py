@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from hilight.engine import BUNDLED_MODEL
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
+    from hilight.recipe import RecipeBudget, billiards_small
+
+    budget = RecipeBudget(clips=10, align_steps=2, image_align_steps=2, stage1_steps=2, stage2_steps=2, batch_size=4,
+                          vocab_size=400)
+    summary = billiards_small(tmp_path / "run", seed=1, budget=budget, workers=1)
+    assert set(summary["seconds"]) == {"1 data", "2 tokenizer + model", "3 align video tower", "4 align image tower",
+                                       "5 tower features", "6 stage 1 (TokenMining)", "7 stage 2 (full fine-tune)",
+                                       "8 evaluation"}
+    assert 0 <= summary["accuracy"]["overall"]["accuracy"] <= 1
+    assert (tmp_path / "run" / "report" / "accuracy.png").is_file()
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["seed"] == 1
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model in this build")
+def test_bundled_model_answers_an_example(capsys):
+    from hilight.cli import main
+
+    assert main(["examples"]) == 0
+    out = capsys.readouterr().out
+    right, total = (int(x) for x in out.strip().splitlines()[-1].split()[::2][:2])
+    assert right >= 1 and total >= 4
