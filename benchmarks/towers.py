@@ -84,6 +84,15 @@ def main() -> None:
         torch.testing.assert_close(
             clip_vip.proxy_guided_sdpa(q, k, v, vt.num_proxy_tokens, frames),
             manual_proxy_attention(q, k, v, vt.num_proxy_tokens, frames), atol=1e-4, rtol=1e-4)
+        # bf16 weights and compute (the dtype policy's choice on CPUs with native bf16)
+        ref_video, ref_image = video_tower(pixels), image_tower(pixels)
+        video_tower.to(torch.bfloat16)
+        image_tower.to(torch.bfloat16)
+        results["video_tower_bf16_s"] = timed(lambda: video_tower(pixels), args.repeats)
+        results["image_tower_bf16_s"] = timed(lambda: image_tower(pixels), args.repeats)
+        cos = torch.nn.functional.cosine_similarity
+        results["video_tower_bf16_cosine_min"] = cos(video_tower(pixels).float(), ref_video, dim=-1).min().item()
+        results["image_tower_bf16_cosine_min"] = cos(image_tower(pixels).float(), ref_image, dim=-1).min().item()
     results["attention_speedup"] = results["attention_manual_ms"] / results["attention_sdpa_ms"]
     results["video_tower_speedup"] = results["video_tower_manual_attention_s"] / results["video_tower_s"]
     results.update(frames=frames, video_tokens=vt.num_tokens(frames), threads=torch.get_num_threads(),
@@ -98,6 +107,9 @@ def main() -> None:
           f"{results['attention_full_mask_ms']:.1f} ms)")
     print(f"  whole video tower with manual attention {results['video_tower_manual_attention_s']:.3f} s "
           f"-> {results['video_tower_speedup']:.2f}x")
+    print(f"  bf16: video tower {results['video_tower_bf16_s']:.3f} s (min cosine to fp32 "
+          f"{results['video_tower_bf16_cosine_min']:.4f}), image tower {results['image_tower_bf16_s']:.3f} s "
+          f"(min cosine {results['image_tower_bf16_cosine_min']:.4f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -171,10 +171,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Judge-free evaluation with per-type accuracy and baselines."""
-    from hilight.engine import Engine, GenerationSettings
+    from hilight.engine import GenerationSettings
     from hilight.eval import evaluate, markdown
 
-    engine = Engine.from_checkpoint(args.model)
+    engine = _engine(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     result = evaluate(engine, args.data, args.videos, args.out, settings, batch_size=args.batch_size,
                       blind=not args.no_blind, limit=args.limit, title=f"{Path(args.model).name} on {args.data.name}")
@@ -324,7 +324,19 @@ def _settings(args: argparse.Namespace):
                               num_beams=args.beams)
 
 
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="weights and compute (auto: bf16 where the hardware has it, else fp32)")
+
+
+def _engine(args: argparse.Namespace):
+    from hilight.engine import Engine, resolve_dtype
+
+    return Engine.from_checkpoint(_model_path(args.model), dtype=resolve_dtype(args.dtype))
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    _add_dtype_arg(p)
     p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -337,10 +349,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     """One question about one or more videos."""
     import json
 
-    from hilight.engine import Conversation, Engine, stream_reply
+    from hilight.engine import Conversation, stream_reply
 
     *videos, question = args.inputs
-    engine = Engine.from_checkpoint(_model_path(args.model))
+    engine = _engine(args)
     conversation = Conversation()
     answer = "".join(stream_reply(engine, conversation, question, videos, _settings(args))).strip()
     if args.json:
@@ -357,10 +369,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive multi-turn chat about videos in the terminal, with streaming."""
     import json
 
-    from hilight.engine import Conversation, Engine, stream_reply
+    from hilight.engine import Conversation, stream_reply
     from hilight.video import VideoError, decode_video
 
-    engine = Engine.from_checkpoint(_model_path(args.model))
+    engine = _engine(args)
     settings = _settings(args)
     conversation, pending = Conversation(), list(args.videos)
     print(f"HiLight chat ({_model_path(args.model).name}). {CHAT_HELP}")
@@ -417,11 +429,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """OpenAI-compatible HTTP API."""
     import uvicorn
 
-    from hilight.engine import Engine
     from hilight.server import create_app
 
     path = _model_path(args.model)
-    engine = Engine.from_checkpoint(path)
+    engine = _engine(args)
     app = create_app(engine, path.name, allowed_dir=args.allow_dir, max_video_bytes=args.max_video_mb << 20,
                      max_concurrent=args.max_concurrent, queue_limit=args.queue)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -435,7 +446,9 @@ def cmd_webui(args: argparse.Namespace) -> int:
     from hilight.webui import Models, launch
 
     default = Path(args.model) if args.model else (None if args.models_dir else _model_path(None))
-    models = Models(default, args.models_dir)
+    from hilight.engine import resolve_dtype
+
+    models = Models(default, args.models_dir, resolve_dtype(args.dtype))
     auth = None
     if args.auth:
         user, sep, password = args.auth.partition(":")
@@ -471,7 +484,7 @@ def cmd_examples(args: argparse.Namespace) -> int:
     """Ask the model the example questions about the bundled clips; show the true answers."""
     import json
 
-    from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+    from hilight.engine import Conversation, GenerationSettings, stream_reply
     from hilight.scoring import extract
     from hilight.synth.qa import KINDS
     from hilight.text import from_llava
@@ -479,7 +492,7 @@ def cmd_examples(args: argparse.Namespace) -> int:
     folder = args.examples
     if not (folder / "questions.json").is_file():
         raise FileNotFoundError(f"{folder}: no questions.json (the bundled examples)")
-    engine = Engine.from_checkpoint(_model_path(args.model))
+    engine = _engine(args)
     right = 0
     records = json.loads((folder / "questions.json").read_text())
     for record in records:
@@ -564,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-blind", action="store_true", help="skip the video-removed baseline")
     p.add_argument("--limit", type=int, help="only the first N items")
+    _add_dtype_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -631,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions)")
     p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    _add_dtype_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allow-dir", type=Path, help="allow file:// video URLs inside this directory")
@@ -642,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webui", help="Gradio web UI: several videos per conversation, streaming")
     p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--models-dir", type=Path, help="offer every checkpoint in this directory")
+    _add_dtype_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", help="user:password login")
@@ -665,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("examples", help="ask the bundled model about the example clips")
     p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--examples", type=Path, default=Path(__file__).resolve().parents[1] / "examples")
+    _add_dtype_arg(p)
     p.set_defaults(func=cmd_examples)
 
     p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")

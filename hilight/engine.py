@@ -82,6 +82,17 @@ def generate(
 
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "billiards-small"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto``: bf16 on a GPU that has it or a CPU with native bf16 (AVX512-BF16 / AMX), else fp32."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
 
 
 def default_model() -> Path:

@@ -1,0 +1,38 @@
+import torch
+import torch.nn.functional as F
+
+from hilight.engine import Conversation, Engine, GenerationSettings, resolve_dtype, stream_reply
+from hilight.model import HiLight
+from tests.conftest import clips, talkative_checkpoint
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("fp32") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+    assert resolve_dtype("auto") in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def test_bf16_towers_stay_close_to_fp32(config):
+    torch.manual_seed(0)
+    model = HiLight(config).eval()
+    pixels = clips(config, 2)
+    with torch.no_grad():
+        ref = model.encode_videos(pixels)
+        ref_tokens = model.video_embeddings(ref)
+        model.to(torch.bfloat16)
+        low = model.encode_videos(pixels)
+        low_tokens = model.video_embeddings(low)
+    for a, b in ((ref.video, low.video), (ref.image, low.image), (ref_tokens, low_tokens)):
+        cos = F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=-1)
+        assert (cos > 0.99).all(), cos
+
+
+def test_bf16_engine_answers(tmp_path, tokenizer):
+    path = talkative_checkpoint(tmp_path / "m", tokenizer)
+    engine = Engine.from_checkpoint(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    from hilight.demo import moving_balls_clip
+    from hilight.video import write_video
+
+    clip = write_video(tmp_path / "c.mp4", moving_balls_clip(12, 64))
+    answer = "".join(stream_reply(engine, Conversation(), "What happens?", [clip], GenerationSettings(8)))
+    assert isinstance(answer, str) and engine.video_embeddings(clip).dtype == torch.bfloat16
