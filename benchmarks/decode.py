@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+from common import median_time
 from tqdm import tqdm
 
 from hilight.config import VideoInputConfig
@@ -60,15 +59,6 @@ def decode_everything(path: Path) -> int:
         return sum(1 for _ in container.decode(stream))
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -85,9 +75,9 @@ def main() -> None:
             "file_mb": round(path.stat().st_size / 2**20, 1),
             "frames": video.total_frames,
             "strategy": video.strategy,
-            "twelve_frames_s": median_time(lambda p=path: decode_video(p, cfg), args.repeats),
-            "seek_s": median_time(lambda p=path: decode_video(p, cfg, "seek"), args.repeats),
-            "decode_all_s": median_time(lambda p=path: decode_everything(p), 1),
+            "twelve_frames_s": median_time(lambda p=path: decode_video(p, cfg), args.repeats, warmup=False),
+            "seek_s": median_time(lambda p=path: decode_video(p, cfg, "seek"), args.repeats, warmup=False),
+            "decode_all_s": median_time(lambda p=path: decode_everything(p), 1, warmup=False),
         }
         row["speedup"] = row["decode_all_s"] / row["twelve_frames_s"]
         results[label] = row

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 from unittest import mock
 
 import torch
+from common import median_time
 
 from hilight.config import HiLightConfig
 from hilight.model import clip_vip
@@ -42,17 +41,6 @@ def manual_proxy_attention(q, k, v, num_proxy: int, num_frames: int):
     return out.view(b, h, s, hd)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -70,17 +58,17 @@ def main() -> None:
 
     with torch.inference_mode():
         results = {
-            "video_tower_s": timed(lambda: video_tower(pixels), args.repeats),
-            "image_tower_s": timed(lambda: image_tower(pixels), args.repeats),
-            "attention_sdpa_ms": 1e3 * timed(
+            "video_tower_s": median_time(lambda: video_tower(pixels), args.repeats),
+            "image_tower_s": median_time(lambda: image_tower(pixels), args.repeats),
+            "attention_sdpa_ms": 1e3 * median_time(
                 lambda: clip_vip.proxy_guided_sdpa(q, k, v, vt.num_proxy_tokens, frames), args.repeats * 6),
-            "attention_manual_ms": 1e3 * timed(
+            "attention_manual_ms": 1e3 * median_time(
                 lambda: manual_proxy_attention(q, k, v, vt.num_proxy_tokens, frames), args.repeats * 6),
         }
-        results["attention_full_mask_ms"] = 1e3 * timed(
+        results["attention_full_mask_ms"] = 1e3 * median_time(
             lambda: clip_vip.proxy_guided_attention_reference(q, k, v, vt.num_proxy_tokens, frames), args.repeats)
         with mock.patch.object(clip_vip, "proxy_guided_sdpa", manual_proxy_attention):
-            results["video_tower_manual_attention_s"] = timed(lambda: video_tower(pixels), args.repeats)
+            results["video_tower_manual_attention_s"] = median_time(lambda: video_tower(pixels), args.repeats)
         torch.testing.assert_close(
             clip_vip.proxy_guided_sdpa(q, k, v, vt.num_proxy_tokens, frames),
             manual_proxy_attention(q, k, v, vt.num_proxy_tokens, frames), atol=1e-4, rtol=1e-4)
@@ -88,8 +76,8 @@ def main() -> None:
         ref_video, ref_image = video_tower(pixels), image_tower(pixels)
         video_tower.to(torch.bfloat16)
         image_tower.to(torch.bfloat16)
-        results["video_tower_bf16_s"] = timed(lambda: video_tower(pixels), args.repeats)
-        results["image_tower_bf16_s"] = timed(lambda: image_tower(pixels), args.repeats)
+        results["video_tower_bf16_s"] = median_time(lambda: video_tower(pixels), args.repeats)
+        results["image_tower_bf16_s"] = median_time(lambda: image_tower(pixels), args.repeats)
         cos = torch.nn.functional.cosine_similarity
         results["video_tower_bf16_cosine_min"] = cos(video_tower(pixels).float(), ref_video, dim=-1).min().item()
         results["image_tower_bf16_cosine_min"] = cos(image_tower(pixels).float(), ref_image, dim=-1).min().item()

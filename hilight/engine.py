@@ -124,6 +124,7 @@ class Engine:
         self.stop_ids = [self.chat.end_of_turn_id, self.chat.eos_id]
         self.cache_size = cache_size
         self._videos: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> content hash
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Engine:
@@ -139,7 +140,11 @@ class Engine:
     @torch.inference_mode()
     def video_embeddings(self, path: str | Path) -> torch.Tensor:
         """TokenMining output [T*Q, D] for one video file (cached by content hash)."""
-        key = file_digest(path)
+        stat = Path(path).stat()
+        ident = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+        if ident not in self._digests:  # an unchanged file is not read again to hash it
+            self._digests[ident] = file_digest(path)
+        key = self._digests[ident]
         if key in self._videos:
             self._videos.move_to_end(key)
             return self._videos[key]
@@ -228,12 +233,13 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
     settings = settings or GenerationSettings()
     text = place_videos(text, len(videos))
     paths = [Path(v) for v in videos]
-    for path in paths:  # decode and encode first: a bad video raises before anything changes
-        engine.video_embeddings(path)
+    # decode and encode first: a bad video raises before anything changes
+    new = [engine.video_embeddings(path) for path in paths]
     messages = [*conversation.messages, Message("user", text)]
     all_videos = [*conversation.videos, *paths]
     encoded = engine.chat.encode(messages, generation=True, max_length=engine.model.config.text.max_length)
-    embeds = torch.stack([engine.video_embeddings(v) for v in all_videos]) if all_videos else None
+    earlier = [engine.video_embeddings(v) for v in conversation.videos]
+    embeds = torch.stack(earlier + new) if all_videos else None
     batch = collate([encoded], engine.chat.pad_id, padding_side="left")
     cancel = cancel or threading.Event()
     streamer = _CountingStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
