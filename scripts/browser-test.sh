@@ -8,5 +8,5 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 bash scripts/setup.sh --test
 .venv/bin/pip install --quiet "selenium>=4.20"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False HILIGHT_SCREENSHOT=1
 .venv/bin/python -m pytest -q tests/test_webui.py
