@@ -63,3 +63,28 @@ def test_chat_session(setup, tmp_path):
     assert saved["messages"][0]["content"] == "<video>\n<video>\nWhat happens?"
     assert saved["videos"] == [str(clips[0]), str(clips[1])]
     assert "conversation cleared" in out.stdout
+
+
+def test_cancel_stops_generation_and_keeps_the_partial_reply(setup):
+    import threading
+
+    _, model, clips = setup
+    engine = Engine.from_checkpoint(model)
+    usage_full, usage_cut = {}, {}
+    list(stream_reply(engine, Conversation(), "Tell me everything.", clips[:1], GenerationSettings(40), usage=usage_full))
+    conversation, cancel = Conversation(), threading.Event()
+    cancel.set()  # what a disconnecting client or a Ctrl-C does: the generation stops at the next token
+    reply = "".join(stream_reply(engine, conversation, "Tell me everything.", clips[:1], GenerationSettings(40), cancel,
+                                 usage=usage_cut))
+    assert usage_cut["completion_tokens"] == 1 < usage_full["completion_tokens"]
+    assert conversation.messages[-1].role == "model" and conversation.messages[-1].content == reply.strip()
+
+
+def test_closing_the_stream_early_stops_the_worker(setup):
+    _, model, clips = setup
+    engine = Engine.from_checkpoint(model)
+    conversation = Conversation()
+    stream = stream_reply(engine, conversation, "Tell me everything.", clips[:1], GenerationSettings(40))
+    next(stream)
+    stream.close()  # the consumer went away: the generation thread is stopped and joined
+    assert len(conversation.messages) == 2 and conversation.messages[1].role == "model"
