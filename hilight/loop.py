@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from hilight.checkpoint import replace_dir
 from hilight.config import LoopConfig
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,7 @@ def save_training_state(path: Path, model, optimizer, scheduler, progress: dict,
                  "python_rng": _jsonable(random.getstate()), "numpy_rng": _jsonable(np.random.get_state()),
                  "config": asdict(config)}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hilight.checkpoint import load_checkpoint, save_checkpoint
+from hilight.checkpoint import load_checkpoint, replace_dir, save_checkpoint
 from hilight.config import TrainConfig
 from hilight.data import FeatureCache, VideoQADataset, collate_samples, encode_records, read_records, tower_identity
 from hilight.loop import finish, fit, make_accelerator
@@ -59,14 +58,16 @@ def save_final(model: HiLight, tokenizer, cfg: TrainConfig, out: Path) -> Path:
     if not cfg.lora.enabled:
         return save_checkpoint(model, out, tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    model.llm.save_pretrained(tmp)
-    extra = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-             if p.requires_grad and not n.startswith("llm.")}
-    save_file(extra, tmp / ADAPTER_EXTRA)
-    (tmp / "hilight_base.json").write_text(json.dumps({"base": cfg.model}) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        model.llm.save_pretrained(tmp)
+        extra = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                 if p.requires_grad and not n.startswith("llm.")}
+        save_file(extra, tmp / ADAPTER_EXTRA)
+        (tmp / "hilight_base.json").write_text(json.dumps({"base": cfg.model}) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
