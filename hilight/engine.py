@@ -3,6 +3,10 @@
 Decoding runs through transformers' ``generate`` on ``inputs_embeds`` with a KV cache, so
 greedy, sampling and beam search behave exactly as for any Gemma. Every interface (CLI, web
 UI, API server, evaluation) goes through this module.
+
+A conversation keeps the KV cache of everything said so far (:class:`PromptCache`): a
+follow-up turn runs the model only over the positions the cache does not already hold, and
+videos already in the conversation are neither decoded nor encoded again.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from hilight.model import HiLight
-from hilight.text import VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Message, collate
+from hilight.text import VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Message, collate
 from hilight.video import load_video
 
 
@@ -52,20 +56,32 @@ def generate(
     video_embeds: torch.Tensor | None = None,
     streamer=None,
     stopping=None,
+    cache: DynamicCache | None = None,
 ) -> torch.Tensor:
     """New token ids [B, <= max_new_tokens] for a left-padded batch of prompts.
 
     Rows that stop early are padded with ``pad_token_id``. ``stop_ids`` end a row (for chat:
-    ``<end_of_turn>`` and ``<eos>``).
+    ``<end_of_turn>`` and ``<eos>``). ``cache``, if given, is filled in place; if it already
+    holds the first positions of a one-row prompt, only the rest is run, and ``video_embeds``
+    are then the videos after those positions.
     """
     settings = settings or GenerationSettings()
     device = next(model.llm.parameters()).device
+    cached = 0 if cache is None else cache.get_seq_length()
+    if cached and (batch.input_ids.shape[0] != 1 or settings.num_beams != 1):
+        raise ValueError("a filled cache continues one prompt with greedy search or sampling, not a batch or beams")
     if video_embeds is None and pixel_values is not None:
         video_embeds = model.video_embeddings(model.encode_videos(pixel_values.to(device)))
-    inputs_embeds = model.embed(batch.input_ids.to(device), video_embeds)
-    sampling = {}
+    input_ids = batch.input_ids.to(device)
+    inputs_embeds = model.embed(input_ids[:, cached:], video_embeds)  # [B, L - cached, D]
+    if cached:
+        # generate() takes the embeddings of the whole prompt and runs only those past the
+        # cache, so the cached positions are never read: zeros stand in for them
+        held = inputs_embeds.new_zeros(1, cached, inputs_embeds.shape[-1])  # [1, cached, D]
+        inputs_embeds = torch.cat([held, inputs_embeds], dim=1)  # [1, L, D]
+    options = {} if cache is None else {"cache": cache}
     if settings.do_sample:
-        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     return model.llm.generate(
         inputs_embeds=inputs_embeds,
         attention_mask=batch.attention_mask.to(device),
@@ -77,7 +93,7 @@ def generate(
         use_cache=True,
         streamer=streamer,
         stopping_criteria=stopping,
-        **sampling,
+        **options,
     )
 
 
@@ -137,14 +153,18 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.model.llm.parameters()).device
 
+    def digest(self, path: str | Path) -> str:
+        """Content hash of a video file; an unchanged file (path, size, mtime) is not read again."""
+        stat = Path(path).stat()
+        ident = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+        if ident not in self._digests:
+            self._digests[ident] = file_digest(path)
+        return self._digests[ident]
+
     @torch.inference_mode()
     def video_embeddings(self, path: str | Path) -> torch.Tensor:
         """TokenMining output [T*Q, D] for one video file (cached by content hash)."""
-        stat = Path(path).stat()
-        ident = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-        if ident not in self._digests:  # an unchanged file is not read again to hash it
-            self._digests[ident] = file_digest(path)
-        key = self._digests[ident]
+        key = self.digest(path)
         if key in self._videos:
             self._videos.move_to_end(key)
             return self._videos[key]
@@ -177,13 +197,49 @@ class Cancelled(Exception):
 
 
 @dataclass
+class PromptCache:
+    """The KV cache of a conversation so far and exactly what it holds: one key per cached
+    position, the token id, or at a visual position the content hash of the video there (the
+    placeholder id alone would not say which video filled it). It is valid for ``model`` only."""
+
+    model: HiLight
+    keys: list[int | str]
+    kv: DynamicCache
+
+    def reusable(self, keys: Sequence[int | str]) -> int:
+        """How many leading positions of a prompt with ``keys`` the cache already holds: the
+        common prefix, short of the last position (its logits start the reply). A prefix never
+        ends inside a video: cached prompts hold whole videos, and replies hold only text."""
+        limit = min(len(self.keys), len(keys) - 1)
+        n = 0
+        while n < limit and self.keys[n] == keys[n]:
+            n += 1
+        return n
+
+
+def position_keys(input_ids: Sequence[int], digests: Sequence[str], tokens_per_video: int) -> list[int | str]:
+    """One key per prompt position: the token id, or the content hash of the video there."""
+    keys: list[int | str] = []
+    visual = 0  # visual positions so far; each video fills tokens_per_video of them
+    for token in input_ids:
+        if token == VIDEO_PLACEHOLDER_ID:
+            keys.append(digests[visual // tokens_per_video])
+            visual += 1
+        else:
+            keys.append(token)
+    return keys
+
+
+@dataclass
 class Conversation:
     """A chat: alternating user/model messages; ``videos`` follow the ``<video>`` markers in
     reading order. A user turn is only committed once its videos have been read, so a bad
-    video never leaves the conversation half-changed."""
+    video never leaves the conversation half-changed. ``cache`` holds the KV cache of the
+    conversation so far (one per conversation; dropped with it)."""
 
     messages: list[Message] = field(default_factory=list)
     videos: list[Path] = field(default_factory=list)
+    cache: PromptCache | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {"messages": [{"role": m.role, "content": m.content} for m in self.messages],
@@ -224,12 +280,30 @@ class _Stop(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def _resume(engine: Engine, cache: PromptCache | None, keys: Sequence[int | str],
+            settings: GenerationSettings) -> tuple[DynamicCache | None, int]:
+    """The KV cache to run a prompt with ``keys`` into, and how many of its positions it holds
+    already (the rest of it is dropped). Beam search would leave one cache per beam: it starts
+    afresh and keeps none."""
+    if settings.num_beams != 1:
+        return None, 0
+    if cache is None or cache.model is not engine.model:
+        return DynamicCache(config=engine.model.llm.config), 0
+    held = cache.reusable(keys)
+    cache.kv.crop(held - cache.kv.get_seq_length())  # a non-positive count: how many positions to drop
+    return cache.kv, held
+
+
 def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: Sequence[str | Path] = (),
                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
                  usage: dict | None = None) -> Iterator[str]:
     """Add a user turn and stream the model's reply, chunk by chunk; the reply is appended to
-    the conversation when it finishes (also when cancelled, with what was generated). ``usage``,
-    if given, receives ``prompt_tokens`` and ``completion_tokens``."""
+    the conversation when it finishes (also when cancelled, with what was generated).
+
+    The model runs only over the prompt positions that the conversation's KV cache does not
+    hold yet (the previous reply and the new turn, in a plain follow-up), so videos already in
+    the conversation are not decoded, encoded, nor even fetched from the per-video cache. ``usage``, if given, receives ``prompt_tokens``,
+    ``cached_tokens`` (of the prompt, not run again) and ``completion_tokens``."""
     settings = settings or GenerationSettings()
     text = place_videos(text, len(videos))
     paths = [Path(v) for v in videos]
@@ -238,17 +312,24 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
     messages = [*conversation.messages, Message("user", text)]
     all_videos = [*conversation.videos, *paths]
     encoded = engine.chat.encode(messages, generation=True, max_length=engine.model.config.text.max_length)
-    earlier = [engine.video_embeddings(v) for v in conversation.videos]
-    embeds = torch.stack(earlier + new) if all_videos else None
+    per_video = engine.chat.tokens_per_video
+    keys = position_keys(encoded.input_ids, [engine.digest(v) for v in all_videos], per_video)
+    kv, cached = _resume(engine, conversation.cache, keys, settings)
+    conversation.cache = None  # in flux until the reply is in: a failed turn leaves no cache
+    covered = encoded.input_ids[:cached].count(VIDEO_PLACEHOLDER_ID) // per_video  # videos the cache holds
+    uncached = [engine.video_embeddings(v) for v in conversation.videos[covered:]]
+    uncached += new[max(0, covered - len(conversation.videos)):]
+    embeds = torch.stack(uncached) if uncached else None
     batch = collate([encoded], engine.chat.pad_id, padding_side="left")
     cancel = cancel or threading.Event()
     streamer = _CountingStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    output: list[torch.Tensor] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            generate(engine.model, batch, engine.stop_ids, settings, video_embeds=embeds, streamer=streamer,
-                     stopping=StoppingCriteriaList([_Stop(cancel)]))
+            output.append(generate(engine.model, batch, engine.stop_ids, settings, video_embeds=embeds,
+                                   streamer=streamer, stopping=StoppingCriteriaList([_Stop(cancel)]), cache=kv))
         except BaseException as exc:  # reported to the caller below
             failure.append(exc)
             streamer.end()
@@ -266,7 +347,12 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
         if not failure:
             conversation.messages[:] = [*messages, Message("model", "".join(reply).strip())]
             conversation.videos[:] = all_videos
+            if kv is not None:
+                # the cache holds the prompt and every generated token but the last (never run);
+                # the next turn re-renders the reply as text and reuses what still matches
+                held = [*keys, *output[0][0].tolist()][: kv.get_seq_length()]
+                conversation.cache = PromptCache(engine.model, held, kv)
         if usage is not None:
-            usage.update(prompt_tokens=len(encoded), completion_tokens=streamer.generated)
+            usage.update(prompt_tokens=len(encoded), cached_tokens=cached, completion_tokens=streamer.generated)
     if failure:
         raise failure[0]

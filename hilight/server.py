@@ -72,6 +72,14 @@ def _error(exc: APIError) -> JSONResponse:
         "error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}})
 
 
+def _openai_usage(usage: dict) -> dict:
+    """The engine's token counts in OpenAI's shape (each request is a fresh conversation here,
+    so no prompt token comes from a conversation's cache)."""
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]}}
+
+
 class Gate:
     """At most ``concurrent`` generations at once and ``queue`` waiting; more get 503."""
 
@@ -194,7 +202,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             _cleanup(workdir)
             raise
         cancel = threading.Event()
-        usage: dict = {"prompt_tokens": 0, "completion_tokens": 0}
+        usage: dict = {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}
         chunks: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -233,7 +241,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                                  "finish_reason": "stop"}],
-                    "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+                    "usage": _openai_usage(usage)}
 
         async def events():
             def event(delta: dict, finish: str | None = None) -> str:
@@ -248,7 +256,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                         break
                     yield event({"content": piece})
                 final = json.loads(event({}, "stop")[6:])
-                final["usage"] = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+                final["usage"] = _openai_usage(usage)
                 yield f"data: {json.dumps(final)}\n\n"
             except APIError as exc:
                 yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind, 'code': exc.status}})}\n\n"

@@ -135,3 +135,4 @@ def test_full_queue_answers_503(tokenizer, tmp_path):
 def test_usage_counts_generated_tokens(served):
     reply = _ask(served["client"], "What happens?", served["clips"][:1])
     assert 0 < reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 16
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0  # each request is a fresh conversation
