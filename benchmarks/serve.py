@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hilight-serve-bench-"))
     model_dir = args.model or (BUNDLED_MODEL if (BUNDLED_MODEL / "config.json").is_file() else random_model(work))
-    truth, frames = render_clip(TableConfig(), 0, "test", 0)
+    truth, frames, _ = render_clip(TableConfig(), 0, "test", 0)
     clip = write_video(work / "clip.mp4", frames, fps=truth.fps)
     engine = Engine.from_checkpoint(model_dir)
     app = create_app(engine, model_dir.name, queue_limit=16)

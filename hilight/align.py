@@ -14,6 +14,11 @@ Losses (weights, threshold and mask policy are config values):
 3. **Language mask**: the local loss only uses content tokens: never padding; with
    ``language_mask`` also no special tokens, punctuation or configured stop words, so the
    loss concentrates on words such as colours and pockets.
+4. **Frame facts** (optional, ``frame_facts_weight``): where the data says where every object
+   is in every frame (the billiards generator's ``tracks``), each patch token is trained to
+   name the object whose centre it holds, and each frame's pooled embedding to say which
+   objects are present and where. Captions describe a clip as a whole; these dense, per-frame
+   signals are what make a small tower from scratch see small objects (see the README).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import logging
 import math
 import re
 import statistics
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -32,14 +38,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from hilight.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from hilight.checkpoint import CheckpointError, load_checkpoint, load_state_strict, read_config, save_checkpoint
 from hilight.config import AlignConfig, AlignLossConfig, TextTowerConfig, VideoInputConfig, from_dict
 from hilight.convert import map_keys, torch_state_file
 from hilight.data import FeatureCache
 from hilight.loop import finish, fit, make_accelerator
 from hilight.model.clip_vip import CLIPViPVideoTower
 from hilight.model.long_clip import LongCLIPImageTower
-from hilight.video import VideoError, load_video
+from hilight.video import FrameIndex, VideoError, choose_frames, load_video
 
 log = logging.getLogger(__name__)
 
@@ -68,36 +74,84 @@ class TextTower(nn.Module):
         return tokens, tokens[torch.arange(len(ids)), eos]
 
 
+@dataclass
+class VisualOutputs:
+    pooled: torch.Tensor  # [B, d] projected video embedding
+    patches: torch.Tensor  # [B, T*L, d] projected patch embeddings
+    patch_states: torch.Tensor  # [B, T, L, D] normalised patch states (what TokenMining reads)
+    frames: torch.Tensor  # [B, T, F] one vector per frame
+
+
+class FrameFacts(nn.Module):
+    """Heads for the frame-facts objective: a patch classifier (background or the object whose
+    centre lies in the patch) and a per-frame head (presence logit and x, y of every object)."""
+
+    def __init__(self, names: list[str], patch_dim: int, frame_dim: int):
+        super().__init__()
+        self.names = names
+        self.patch = nn.Linear(patch_dim, len(names) + 1)
+        self.frame = nn.Linear(frame_dim, 3 * len(names))
+
+    def loss(self, out: VisualOutputs, facts: dict[str, torch.Tensor]) -> torch.Tensor:
+        classes = len(self.names) + 1
+        weight = torch.ones(classes, device=out.patches.device)
+        weight[0] = 0.1  # most patches show only cloth
+        patch = F.cross_entropy(self.patch(out.patch_states).flatten(0, 2), facts["patch"].flatten(), weight=weight)
+        frame = self.frame(out.frames).unflatten(-1, (len(self.names), 3))  # [B, T, C, 3]
+        present = facts["present"]
+        presence = F.binary_cross_entropy_with_logits(frame[..., 0], present)
+        where = (F.smooth_l1_loss(frame[..., 1:], facts["xy"], beta=0.05, reduction="none").sum(-1) * present).sum()
+        return patch + presence + 10 * where / present.sum().clamp_min(1)
+
+
 class VideoTextAligner(nn.Module):
     """A visual tower and a text tower with a learned temperature. The visual tower is the
     CLIP-ViP video tower or, for the Long-CLIP role, the image tower run on every frame (its
     video embedding is the mean of the frames' projected CLS, its patches those of all frames)."""
 
-    def __init__(self, video_tower: CLIPViPVideoTower | LongCLIPImageTower, text: TextTower):
+    def __init__(self, video_tower: CLIPViPVideoTower | LongCLIPImageTower, text: TextTower,
+                 fact_names: list[str] | None = None):
         super().__init__()
         self.video_tower = video_tower
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.facts = None
+        if fact_names:
+            image = isinstance(video_tower, LongCLIPImageTower)
+            width = video_tower.cfg.width if image else video_tower.cfg.hidden_size
+            frame_dim = video_tower.cfg.output_dim if image else width
+            self.facts = FrameFacts(fact_names, width, frame_dim)
 
-    def forward(self, pixels, ids, mask, local, cfg: AlignLossConfig) -> torch.Tensor:
-        """The weighted global + local loss of one batch of matching (video, caption) pairs."""
-        video, patches = self.encode_video(pixels)
+    def forward(self, pixels, ids, mask, local, cfg: AlignLossConfig, facts: dict | None = None) -> torch.Tensor:
+        """The weighted global + local (+ frame facts) loss of one batch of matching (video, caption) pairs."""
+        out = self.visual(pixels)
         tokens, text = self.text(ids, mask)
-        loss = cfg.global_weight * global_loss(video, text, self.logit_scale)
+        loss = cfg.global_weight * global_loss(out.pooled, text, self.logit_scale)
         if cfg.local_weight:
-            loss = loss + cfg.local_weight * sparc_loss(tokens, patches, local, cfg.threshold, cfg.local_temperature)
+            loss = loss + cfg.local_weight * sparc_loss(tokens, out.patches, local, cfg.threshold,
+                                                        cfg.local_temperature)
+        if cfg.frame_facts_weight and self.facts is not None and facts is not None:
+            loss = loss + cfg.frame_facts_weight * self.facts.loss(out, facts)
         return loss
+
+    def visual(self, pixels: torch.Tensor) -> VisualOutputs:
+        b, t = pixels.shape[:2]
+        tower = self.video_tower
+        if isinstance(tower, LongCLIPImageTower):
+            states = tower.ln_post(tower.tokens(pixels.flatten(0, 1)))  # [B*T, 1+L, D]
+            projected = (states @ tower.proj).view(b, t, states.shape[1], -1)  # [B, T, 1+L, d]
+            return VisualOutputs(projected[:, :, 0].mean(1), projected[:, :, 1:].flatten(1, 2),
+                                 states[:, 1:].view(b, t, states.shape[1] - 1, -1), projected[:, :, 0])
+        states = tower.post_layernorm(tower(pixels))  # [B, M + T*L, D]
+        projected = tower.visual_projection(states)  # [B, M + T*L, d]
+        m = tower.cfg.num_proxy_tokens
+        patch_states = states[:, m:].view(b, t, -1, states.shape[-1])  # [B, T, L, D]
+        return VisualOutputs(projected[:, 0], projected[:, m:], patch_states, patch_states.mean(2))
 
     def encode_video(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled [B, d] and per-patch [B, T*L, d] embeddings (proxy / CLS tokens excluded)."""
-        if isinstance(self.video_tower, LongCLIPImageTower):
-            b, t = pixels.shape[:2]
-            tokens = self.video_tower.project(self.video_tower.tokens(pixels.flatten(0, 1)))  # [B*T, 1+g*g, d]
-            tokens = tokens.view(b, t, tokens.shape[1], -1)  # [B, T, 1+g*g, d]
-            return tokens[:, :, 0].mean(1), tokens[:, :, 1:].flatten(1, 2)
-        hidden = self.video_tower(pixels)  # [B, M + T*L, D]
-        projected = self.video_tower.visual_projection(self.video_tower.post_layernorm(hidden))  # [B, M + T*L, d]
-        return projected[:, 0], projected[:, self.video_tower.cfg.num_proxy_tokens:]
+        out = self.visual(pixels)
+        return out.pooled, out.patches
 
 
 def global_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -174,12 +228,14 @@ class Clips:
         records = json.loads(Path(path).read_text())
         self.video_cfg = video_cfg
         self.cache = FeatureCache(cache_dir, json.dumps(asdict(video_cfg), sort_keys=True)) if cache_dir else None
-        self.pairs, self.bad = [], []
+        self.path = path
+        self.pairs, self.tracks, self.bad = [], [], []
         for rec in records:
             video = Path(videos) / rec["video"]
             try:
                 self._frames(video)
                 self.pairs.append((video, rec["caption"]))
+                self.tracks.append(rec.get("tracks"))
             except VideoError as exc:
                 self.bad.append(str(exc))
                 log.warning("skipped %s", exc)
@@ -203,14 +259,43 @@ class Clips:
         return len(self.pairs)
 
 
-def build_aligner(cfg: AlignConfig):
+def fact_names(clips: Clips) -> list[str]:
+    """The objects named in the clips' tracks (frame-facts classes), or an error naming the file."""
+    missing = sum(t is None for t in clips.tracks)
+    if missing:
+        raise ValueError(f"{clips.path}: frame_facts_weight needs 'tracks' in every record ({missing} without)")
+    return sorted({name for t in clips.tracks for name in t["names"]})
+
+
+def frame_facts(tracks: dict, names: list[str], video_cfg: VideoInputConfig, grid: int) -> dict[str, torch.Tensor]:
+    """Targets of the frame-facts loss for the frames the model is shown: ``present`` [T, C],
+    ``xy`` [T, C, 2] and ``patch`` [T, grid*grid] (0: no object's centre in the patch, else
+    1 + the object's class). Positions are fractions of a square frame."""
+    xy_all = torch.tensor(tracks["xy"], dtype=torch.float32).view(len(tracks["xy"]), -1, 2)  # [F, N, 2]
+    index = FrameIndex(pts=list(range(len(xy_all))), keyframes=[0], time_base=Fraction(1, int(tracks["fps"])))
+    xy_all = xy_all[choose_frames(index, video_cfg)]  # [T, N, 2]
+    t, c = len(xy_all), len(names)
+    present, xy = torch.zeros(t, c), torch.zeros(t, c, 2)
+    patch = torch.zeros(t, grid * grid, dtype=torch.long)
+    for n, name in enumerate(tracks["names"]):
+        k = names.index(name)
+        on = xy_all[:, n, 0] >= 0
+        present[on, k] = 1.0
+        xy[on, k] = xy_all[on, n]
+        cell = (xy_all[:, n] * grid).long().clamp(0, grid - 1)  # [T, 2] column, row
+        frames = on.nonzero().flatten()
+        patch[frames, cell[frames, 1] * grid + cell[frames, 0]] = k + 1
+    return {"present": present, "xy": xy, "patch": patch}
+
+
+def build_aligner(cfg: AlignConfig, names: list[str] | None = None):
     """The checkpoint's model and tokenizer, and an aligner around its video tower."""
     model, tokenizer = load_checkpoint(cfg.model)
     if len(tokenizer) > cfg.text_tower.vocab_size:
         raise CheckpointError(f"{cfg.model}: tokenizer has {len(tokenizer)} tokens, text_tower.vocab_size is "
                               f"{cfg.text_tower.vocab_size}")
     text = TextTower(cfg.text_tower, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    aligner = VideoTextAligner(model.video_tower if cfg.tower == "video" else model.image_tower, text)
+    aligner = VideoTextAligner(model.video_tower if cfg.tower == "video" else model.image_tower, text, names)
     if cfg.text_init:
         load_clipvip_text(aligner, Path(cfg.text_init))
     return model, tokenizer, aligner
@@ -235,26 +320,45 @@ def align(cfg: AlignConfig, resume: bool = False) -> dict:
     """Train the video tower (and a text tower) on caption pairs; writes ``final/`` (a HiLight
     checkpoint with the aligned video tower, plus the text tower for retrieval)."""
     accelerator = make_accelerator(cfg)
-    model, tokenizer, aligner = build_aligner(cfg)
-    aligner.requires_grad_(True)
-    captions = CaptionTokenizer(tokenizer, cfg.text_tower.max_positions, cfg.loss.stop_words)
-    train_set = Clips(cfg.data.train, cfg.data.videos, model.config.video, cfg.data.frames_cache)
-    val_set = Clips(cfg.data.val, cfg.data.videos, model.config.video, cfg.data.frames_cache) if cfg.data.val else None
+    video_cfg = read_config(cfg.model).video
+    train_set = Clips(cfg.data.train, cfg.data.videos, video_cfg, cfg.data.frames_cache)
+    val_set = Clips(cfg.data.val, cfg.data.videos, video_cfg, cfg.data.frames_cache) if cfg.data.val else None
     if len(train_set) < 2:
         raise ValueError(f"{cfg.data.train}: need at least 2 usable caption pairs for a contrastive loss")
+    names = None
+    if cfg.loss.frame_facts_weight:
+        names = fact_names(train_set)
+        if val_set is not None:
+            unknown = {n for t in val_set.tracks if t for n in t["names"]} - set(names)
+            if unknown or None in val_set.tracks:
+                raise ValueError(f"{cfg.data.val}: tracks missing or naming objects absent from the training set")
+    model, tokenizer, aligner = build_aligner(cfg, names)
+    aligner.requires_grad_(True)
+    captions = CaptionTokenizer(tokenizer, cfg.text_tower.max_positions, cfg.loss.stop_words)
+    tower_cfg = model.config.video_tower if cfg.tower == "video" else model.config.image_tower
+    grid = tower_cfg.image_size // tower_cfg.patch_size
 
     def batch(clips: Clips, indices: list[int]):
-        pixels = torch.stack([clips.frames(i) for i in indices]).to(accelerator.device)
+        device = accelerator.device
+        pixels = torch.stack([clips.frames(i) for i in indices]).to(device)
         ids, mask, local = captions([clips.pairs[i][1] for i in indices], cfg.loss.language_mask)
-        return pixels, ids.to(accelerator.device), mask.to(accelerator.device), local.to(accelerator.device)
+        facts = None
+        if names:
+            rows = [frame_facts(clips.tracks[i], names, video_cfg, grid) for i in indices]
+            facts = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+        return (pixels, ids.to(device), mask.to(device), local.to(device)), facts
+
+    def loss_of(module, clips: Clips, indices: list[int]) -> torch.Tensor:
+        inputs, facts = batch(clips, indices)
+        return module(*inputs, cfg.loss, facts)
 
     def batch_loss(module, indices: list[int]) -> torch.Tensor:
-        return module(*batch(train_set, indices), cfg.loss)
+        return loss_of(module, train_set, indices)
 
     def validate(module) -> float:
         size = max(2, min(cfg.batch_size, len(val_set)))  # contrastive: whole batches of at least 2
         starts = range(0, len(val_set) - size + 1, size)
-        losses = [module(*batch(val_set, list(range(s, s + size))), cfg.loss).item() for s in starts]
+        losses = [loss_of(module, val_set, list(range(s, s + size))).item() for s in starts]
         return sum(losses) / max(len(losses), 1)
 
     result = fit(cfg, accelerator, aligner, len(train_set), batch_loss, lambda i: train_set.pairs[i][0].name,

@@ -321,6 +321,7 @@ class AlignLossConfig:
     threshold: float = 0.0  # sparsity threshold on min-max normalised similarities; 0: 1 / number of patches
     local_temperature: float = 0.07
     language_mask: bool = True  # local loss only on content tokens (no padding, special tokens, stop words)
+    frame_facts_weight: float = 0.0  # per-frame object facts from the data's "tracks" (0: off; see hilight/align.py)
     stop_words: list[str] = field(default_factory=lambda: list(STOP_WORDS))
 
 
@@ -345,17 +346,17 @@ class AlignConfig(LoopConfig):
 
 
 def billiards_small_config(vocab_size: int = 1000) -> HiLightConfig:
-    """The bundled model's sizes: 6 frames at 112 px with 8-px patches, so a ball covers a few
+    """The bundled model's sizes: 8 frames at 112 px with 8-px patches, so a ball covers a few
     patches (small objects under 16-px patches learn slowly), and a 4-layer 256-wide Gemma."""
     return HiLightConfig(
         video_tower=VideoTowerConfig(hidden_size=96, num_layers=4, num_heads=4, intermediate_size=384, image_size=112,
-                                     patch_size=8, temporal_size=6, add_cls_num=3, projection_dim=64),
+                                     patch_size=8, temporal_size=8, add_cls_num=3, projection_dim=64),
         image_tower=ImageTowerConfig(width=96, num_layers=4, num_heads=4, intermediate_size=384, image_size=112,
                                      patch_size=8, output_dim=64),
         token_mining=TokenMiningConfig(video_dim=96, image_dim=64, llm_dim=256, queries_per_frame=4),
         llm=LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                       num_kv_heads=1, head_dim=64, max_position_embeddings=1024, hidden_act="gelu_pytorch_tanh"),
-        video=VideoInputConfig(num_frames=6, image_size=112),
+        video=VideoInputConfig(num_frames=8, image_size=112),
         text=TextConfig(max_length=512),
     )
 

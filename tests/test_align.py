@@ -9,6 +9,7 @@ from hilight.align import (
     TextTower,
     VideoTextAligner,
     eval_retrieval,
+    frame_facts,
     global_loss,
     load_clipvip_text,
     retrieval_metrics,
@@ -16,7 +17,7 @@ from hilight.align import (
     sparc_weights,
 )
 from hilight.cli import main
-from hilight.config import AlignLossConfig, TextTowerConfig, tiny_config
+from hilight.config import AlignLossConfig, TextTowerConfig, VideoInputConfig, tiny_config
 from hilight.model.clip_vip import CLIPViPVideoTower
 from hilight.synth.billiards import TableConfig
 from hilight.synth.dataset import generate_split
@@ -127,6 +128,7 @@ def test_align_command_end_to_end(tmp_path, capsys):
                        "num_heads": 2, "max_positions": 96, "projection_dim": 16},
         "data": {"train": str(data / "train-captions.json"), "val": str(data / "val-captions.json"),
                  "videos": str(data / "videos"), "frames_cache": str(tmp_path / "frames")},
+        "loss": {"frame_facts_weight": 1.0},
         "max_steps": 3, "batch_size": 4, "lr": 1e-3, "save_every": 3, "eval_every": 3, "log_every": 1}))
     assert main(["align", "--config", str(config)]) == 0
     final = tmp_path / "run" / "final"
@@ -160,3 +162,65 @@ def test_image_tower_alignment_frame_by_frame(tokenizer):
     ids, mask, local = CaptionTokenizer(tokenizer, 64, [])(["The red ball.", "A blue ball."], True)
     aligner(pixels, ids, mask, local, AlignLossConfig()).backward()
     assert tower.conv1.weight.grad.abs().sum() > 0
+
+
+def test_frame_facts_targets_on_a_hand_built_track():
+    # 5 frames, two balls; the red ball leaves the table after frame 2
+    xy = [[0.10, 0.20, 0.90, 0.55], [0.15, 0.20, 0.80, 0.55], [0.30, 0.20, 0.70, 0.60],
+          [0.45, 0.20, -1, -1], [0.50, 0.21, -1, -1]]
+    tracks = {"names": ["cue", "red"], "fps": 10, "radius": 0.02, "xy": xy}
+    facts = frame_facts(tracks, ["blue", "cue", "red"], VideoInputConfig(num_frames=3), grid=4)
+    # uniform sampling of 3 of 5 frames: 0, 2, 4
+    assert facts["present"].tolist() == [[0, 1, 1], [0, 1, 1], [0, 1, 0]]
+    torch.testing.assert_close(facts["xy"][1, 2], torch.tensor([0.70, 0.60]))
+    assert facts["xy"][2, 2].tolist() == [0, 0]
+    # grid 4: (0.10, 0.20) is column 0, row 0 -> patch 0; (0.90, 0.55) is column 3, row 2 -> patch 11
+    expected = torch.zeros(3, 16, dtype=torch.long)
+    expected[0, 0], expected[0, 11] = 2, 3
+    expected[1, 1], expected[1, 10] = 2, 3
+    expected[2, 2] = 2
+    assert torch.equal(facts["patch"], expected)
+
+
+@pytest.mark.parametrize("tower", ["video", "image"])
+def test_frame_facts_loss_trains_the_tower(tokenizer, tower):
+    from hilight.model.long_clip import LongCLIPImageTower
+
+    torch.manual_seed(0)
+    cfg = tiny_config(len(tokenizer))
+    visual = CLIPViPVideoTower(cfg.video_tower) if tower == "video" else LongCLIPImageTower(cfg.image_tower)
+    dim = cfg.video_tower.projection_dim if tower == "video" else cfg.image_tower.output_dim
+    text_cfg = TextTowerConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
+                               num_heads=2, max_positions=64, projection_dim=dim)
+    text = TextTower(text_cfg, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    aligner = VideoTextAligner(visual, text, ["cue", "red"])
+    ids, mask, local = CaptionTokenizer(tokenizer, 64, [])(["The red ball.", "A blue ball."], True)
+    grid = 32 // 8
+    tracks = {"names": ["cue", "red"], "fps": 10, "radius": 0.02,
+              "xy": [[0.1, 0.1, 0.6, 0.6]] * 2 + [[0.2, 0.1, -1, -1]] * 2}
+    rows = [frame_facts(tracks, ["cue", "red"], VideoInputConfig(num_frames=4), grid)] * 2
+    facts = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    pixels = torch.randn(2, 4, 3, 32, 32)
+    plain = aligner(pixels, ids, mask, local, AlignLossConfig())
+    with_facts = aligner(pixels, ids, mask, local, AlignLossConfig(frame_facts_weight=1.0), facts)
+    assert with_facts > plain  # the facts term is added, and it is positive
+    (with_facts - plain).backward()  # the facts term alone
+    first = visual.conv1.weight if tower == "image" else visual.embeddings.patch_embedding.weight
+    assert first.grad.abs().sum() > 0 and aligner.facts.patch.weight.grad.abs().sum() > 0
+
+
+def test_frame_facts_need_tracks(tmp_path, capsys):
+    data = tmp_path / "bil"
+    generate_split(data, "train", 3, seed=2, cfg=TableConfig(image_size=64))
+    captions = json.loads((data / "train-captions.json").read_text())
+    del captions[1]["tracks"]
+    (data / "train-captions.json").write_text(json.dumps(captions))
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "base")]) == 0
+    config = tmp_path / "align.yaml"
+    config.write_text(json.dumps({
+        "model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+        "data": {"train": str(data / "train-captions.json"), "videos": str(data / "videos")},
+        "loss": {"frame_facts_weight": 1.0}, "max_steps": 1, "batch_size": 2}))
+    assert main(["align", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "train-captions.json" in err and "tracks" in err and "1 without" in err

@@ -8,6 +8,8 @@ from hilight.cli import main
 from hilight.config import VideoInputConfig
 from hilight.scoring import exact_match, extract, token_f1
 from hilight.synth.billiards import (
+    BALL_COLOURS,
+    CUE_COLOUR,
     Ball,
     Simulation,
     TableConfig,
@@ -154,9 +156,9 @@ def test_dataset_is_deterministic_and_consistent(tmp_path):
     assert a.conversations.read_text() == b.conversations.read_text()
     assert a.truth.read_text() == b.truth.read_text()
     # the frames are a pure function of the seed; the lossy encoding of them matches closely
-    truth, frames = render_clip(TableConfig(), 3, "test", 5)
+    truth, frames, tracks = render_clip(TableConfig(), 3, "test", 5)
     again = render_clip(TableConfig(), 3, "test", 5)
-    assert truth == again[0] and np.array_equal(frames, again[1])
+    assert truth == again[0] and np.array_equal(frames, again[1]) and tracks == again[2]
     cfg = VideoInputConfig(num_frames=4)
     for name in ("test-00000.mp4", "test-00005.mp4"):
         fa = decode_video(tmp_path / "a" / "videos" / name, cfg).frames.astype(int)
@@ -202,3 +204,26 @@ def test_synth_and_eval_commands(tmp_path, capsys):
     assert {"single_video", "two_video", "overall", "per_type", "confusion_colour"} <= set(result)
     assert all("blind" in r and 0 <= r["accuracy"] <= 1 for r in result["per_type"].values())
     assert (report / "accuracy.png").stat().st_size > 1000 and "| question type |" in (report / "report.md").read_text()
+
+
+def test_tracks_say_where_each_ball_is_drawn():
+    cfg = TableConfig(noise_std=0.0)
+    truth, frames, tracks = render_clip(cfg, 1, "train", 2)
+    xy = np.array(tracks["xy"]).reshape(len(frames), -1, 2)
+    assert tracks["names"] == [b.colour for b in truth.balls] and len(xy) == len(frames)
+    size = cfg.image_size
+    for f in (0, len(frames) - 1):
+        for i, name in enumerate(tracks["names"]):
+            if xy[f, i, 0] < 0:
+                assert name in {p.ball for p in truth.pocketed}  # only pocketed balls leave the table
+                continue
+            col, row = (xy[f, i] * size).astype(int)
+            # the pixel at the track's centre is nearest to the ball's own colour (lighting varies;
+            # some cloths are as dark as some balls, so the cloth is not among the candidates)
+            palette = {**BALL_COLOURS, "cue": CUE_COLOUR}
+            pixel = frames[f, row, col].astype(float)
+            assert min(palette, key=lambda k: np.abs(pixel - palette[k]).sum()) == name, (f, name)
+    # balls that stay on the table keep their last position; pocketed ones are gone at the end
+    gone = {p.ball for p in truth.pocketed}
+    assert all((xy[-1, i, 0] < 0) == (n in gone) for i, n in enumerate(tracks["names"]))
+    assert 0 < tracks["radius"] < 0.05

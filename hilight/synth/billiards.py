@@ -290,6 +290,20 @@ def random_camera(cfg: TableConfig, rng: np.random.Generator) -> Camera:
     return Camera(scale, offset, light[..., None])
 
 
+def image_tracks(cfg: TableConfig, truth: ShotTruth, positions: np.ndarray, present: np.ndarray,
+                 camera: Camera) -> dict:
+    """Where every ball is drawn in every frame, in image coordinates scaled to [0, 1]
+    (-1 for a ball off the table), and the drawn radius on the same scale: the per-frame
+    facts the towers can be pretrained on."""
+    s = cfg.image_size
+    ox, oy = camera.offset
+    xy = np.stack([(ox + positions[..., 0] * camera.scale) / s, (oy + positions[..., 1] * camera.scale) / s], -1)
+    xy = np.where(present[..., None], xy, -1.0)  # [F, N, 2]
+    return {"names": [b.colour for b in truth.balls], "fps": truth.fps,
+            "radius": round(cfg.ball_radius * camera.scale / s, 5),
+            "xy": np.round(xy.reshape(len(xy), -1), 4).tolist()}
+
+
 def render(cfg: TableConfig, truth: ShotTruth, positions: np.ndarray, present: np.ndarray,
            camera: Camera, rng: np.random.Generator) -> np.ndarray:
     """uint8 frames [F, S, S, 3]."""

@@ -5,7 +5,8 @@ Layout of ``OUT``::
     videos/{split}-{i:05d}.mp4
     {split}.json            LLaVA / VideoInstruct-100K records (single, multi-turn, two-video)
     {split}-truth.json      exact ground truth per clip
-    {split}-captions.json   one caption per clip, [{"video", "caption"}]
+    {split}-captions.json   one caption per clip, [{"video", "caption", "tracks"}], where
+                            tracks holds every ball's image position in every frame
 
 Every clip is generated from its own seed ``(seed, split, index)``, so the same seed gives the
 same JSON and the same frames whatever the number of workers.
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hilight.synth.billiards import ShotTruth, TableConfig, random_camera, render, simulate
+from hilight.synth.billiards import ShotTruth, TableConfig, image_tracks, random_camera, render, simulate
 from hilight.synth.qa import QA, caption, pair_qas, single_qas
 from hilight.video import write_video
 
@@ -52,21 +53,22 @@ def _seed(seed: int, split: str, index: int, stream: int) -> np.random.Generator
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index, stream]))
 
 
-def render_clip(cfg: TableConfig, seed: int, split: str, index: int) -> tuple[ShotTruth, np.ndarray]:
-    """Ground truth and uint8 frames [F, S, S, 3] of one clip, a pure function of its seed."""
+def render_clip(cfg: TableConfig, seed: int, split: str, index: int) -> tuple[ShotTruth, np.ndarray, dict]:
+    """Ground truth, uint8 frames [F, S, S, 3] and ball tracks of one clip, a pure function of its seed."""
     rng = _seed(seed, split, index, 0)
     truth, positions, present = simulate(cfg, rng)
-    return truth, render(cfg, truth, positions, present, random_camera(cfg, rng), rng)
+    camera = random_camera(cfg, rng)
+    return truth, render(cfg, truth, positions, present, camera, rng), image_tracks(cfg, truth, positions, present, camera)
 
 
-def make_clip(args: tuple[TableConfig, int, str, int, Path]) -> dict:
-    """Simulate, render and encode one clip; returns its ground truth as JSON."""
+def make_clip(args: tuple[TableConfig, int, str, int, Path]) -> tuple[dict, dict]:
+    """Simulate, render and encode one clip; returns its ground truth and tracks as JSON."""
     cfg, seed, split, index, video_dir = args
-    truth, frames = render_clip(cfg, seed, split, index)
+    truth, frames, tracks = render_clip(cfg, seed, split, index)
     # one encoder thread: with several, x264's output varied between runs here, and the same
     # seed must give the same bytes
     write_video(video_dir / clip_name(split, index), frames, fps=truth.fps, options={"threads": "1"})
-    return truth.to_json()
+    return truth.to_json(), tracks
 
 
 def _truth_from_json(data: dict) -> ShotTruth:
@@ -120,9 +122,10 @@ def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfi
     bar = dict(total=clips, desc=f"billiards {split}", unit="clip")
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            truth_json = list(tqdm(pool.map(make_clip, jobs, chunksize=4), **bar))
+            made = list(tqdm(pool.map(make_clip, jobs, chunksize=4), **bar))
     else:
-        truth_json = [make_clip(job) for job in tqdm(jobs, **bar)]
+        made = [make_clip(job) for job in tqdm(jobs, **bar)]
+    truth_json, tracks = [m[0] for m in made], [m[1] for m in made]
     truths = [_truth_from_json(t) for t in truth_json]
     records = conversations(split, truths, seed)
     files = SplitFiles(out / f"{split}.json", out / f"{split}-truth.json", out / f"{split}-captions.json",
@@ -130,7 +133,8 @@ def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfi
     files.conversations.write_text(json.dumps(records, indent=1) + "\n")
     files.truth.write_text(json.dumps({clip_name(split, i): t for i, t in enumerate(truth_json)}, indent=1) + "\n")
     files.captions.write_text(json.dumps(
-        [{"video": clip_name(split, i), "caption": caption(t)} for i, t in enumerate(truths)], indent=1) + "\n")
+        [{"video": clip_name(split, i), "caption": caption(t), "tracks": tracks[i]} for i, t in enumerate(truths)],
+        separators=(",", ":")) + "\n")
     return files
 
 
