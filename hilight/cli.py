@@ -468,9 +468,11 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     from hilight.recipe import RecipeBudget, billiards_small, bundle
 
-    budget = RecipeBudget(clips=args.clips, align_steps=args.align_steps, image_align_steps=args.image_align_steps,
-                          stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
-    summary = billiards_small(args.out, seed=args.seed, budget=budget, workers=args.workers)
+    given = {name: getattr(args, name) for name in ("clips", "align_steps", "image_align_steps", "stage1_steps",
+                                                    "stage2_steps") if getattr(args, name) is not None}
+    budget = RecipeBudget(**given)
+    summary = billiards_small(args.out, seed=args.seed, budget=budget, workers=args.workers, towers=args.towers,
+                              source=args.source)
     print(json.dumps(summary, indent=1))
     if args.bundle:
         from hilight.engine import BUNDLED_MODEL
@@ -669,12 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["billiards-small"])
     p.add_argument("--out", type=Path, default=Path("runs/recipe"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clips", type=int, default=1000)
-    p.add_argument("--align-steps", type=int, default=400)
-    p.add_argument("--image-align-steps", type=int, default=200)
-    p.add_argument("--stage1-steps", type=int, default=300)
-    p.add_argument("--stage2-steps", type=int, default=1500)
+    for name in ("clips", "align-steps", "image-align-steps", "stage1-steps", "stage2-steps"):
+        p.add_argument(f"--{name}", type=int, help="budget (default: hilight/recipe.py RecipeBudget)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--towers", choices=["both", "video", "image"], default="both",
+                   help="ablation: keep only the video tower or only the image tower (needs --source)")
+    p.add_argument("--source", type=Path, help="the full run whose data and aligned towers an ablation reuses")
     p.add_argument("--bundle", action="store_true", help="copy the result into the package and examples/")
     p.set_defaults(func=cmd_recipe)
 

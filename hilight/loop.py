@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -41,6 +42,9 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
 
         plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed, gradient_accumulation_steps=cfg.grad_accum,
                                  gradient_clipping=cfg.max_grad_norm)
+    # accelerate keeps one global state per process and refuses another precision in it; runs
+    # in one process (the recipe: bf16 alignment, then fp32 stages) start from a fresh one
+    AcceleratorState._reset_state()
     # accelerate drops a DeepSpeed plugin when told cpu=True; DeepSpeed picks its CPU accelerator itself
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and plugin is None, mixed_precision=precision,
                               gradient_accumulation_steps=cfg.grad_accum, deepspeed_plugin=plugin)

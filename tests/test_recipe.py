@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -17,7 +18,21 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
                                        "8 evaluation"}
     assert 0 <= summary["accuracy"]["overall"]["accuracy"] <= 1
     assert (tmp_path / "run" / "report" / "accuracy.png").is_file()
-    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["seed"] == 1
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["settings"]["seed"] == 1
+    # started again, a finished run keeps every step and says the same
+    again = billiards_small(tmp_path / "run", seed=1, budget=budget, workers=1)
+    assert again["seconds"] == summary["seconds"] and again["accuracy"] == summary["accuracy"]
+    # an interrupted run goes on from the first unfinished step
+    shutil.rmtree(tmp_path / "run" / "stage2")
+    report = tmp_path / "run" / "report" / "report.json"
+    report.unlink()  # step 8's output is there, but step 7 runs again, so step 8 must too
+    report.write_text("{}")
+    resumed = billiards_small(tmp_path / "run", seed=1, budget=budget, workers=1)
+    assert {k: v for k, v in resumed["seconds"].items() if not k.startswith(("7", "8"))} == \
+        {k: v for k, v in summary["seconds"].items() if not k.startswith(("7", "8"))}
+    assert "single_video" in json.loads(report.read_text())
+    with pytest.raises(ValueError, match="other settings"):
+        billiards_small(tmp_path / "run", seed=2, budget=budget, workers=1)
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model in this build")
