@@ -179,6 +179,10 @@ class HiLightConfig:
     video: VideoInputConfig = field(default_factory=VideoInputConfig)
     text: TextConfig = field(default_factory=TextConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    # which towers feed TokenMining: "both" (HiLight); the ablations "video" (learned per-frame
+    # queries instead of Long-CLIP's frame embeddings) and "image" (keys and values are Long-CLIP's
+    # patch tokens of every frame instead of CLIP-ViP's tokens)
+    towers: Literal["both", "video", "image"] = "both"
 
     def __post_init__(self) -> None:
         tm = self.token_mining
@@ -189,6 +193,8 @@ class HiLightConfig:
             (self.video.image_size, self.video_tower.image_size, "video.image_size", "video_tower.image_size"),
             (self.video.image_size, self.image_tower.image_size, "video.image_size", "image_tower.image_size"),
         ]
+        if self.towers == "image":
+            checks[0] = (tm.video_dim, self.image_tower.width, "token_mining.video_dim", "image_tower.width")
         for a, b, name_a, name_b in checks:
             if a != b:
                 raise ConfigError(f"{name_a}={a} must equal {name_b}={b}")

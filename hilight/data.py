@@ -89,7 +89,9 @@ def tower_identity(model: HiLight) -> str:
     """Digest of both towers' configs and weights plus the preprocessing settings."""
     h = hashlib.sha256()
     cfg = model.config
-    h.update(json.dumps([asdict(cfg.video_tower), asdict(cfg.image_tower), asdict(cfg.video)], sort_keys=True).encode())
+    ablation = [] if cfg.towers == "both" else [cfg.towers]  # caches of full models keep their names
+    h.update(json.dumps([asdict(cfg.video_tower), asdict(cfg.image_tower), asdict(cfg.video), *ablation],
+                        sort_keys=True).encode())
     for tower in (model.video_tower, model.image_tower):
         for name, tensor in sorted(tower.state_dict().items()):
             h.update(name.encode())

@@ -143,3 +143,45 @@ def test_generation_settings_are_validated():
         GenerationSettings(max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         GenerationSettings(do_sample=True, temperature=0)
+
+
+@pytest.mark.parametrize("towers", ["video", "image"])
+def test_single_tower_ablations_run_without_the_other_tower(tokenizer, chat, towers, tmp_path, monkeypatch):
+    from hilight.checkpoint import load_checkpoint, save_checkpoint
+    from hilight.data import tower_identity
+
+    config = tiny_config(len(tokenizer))
+    config.towers = towers
+    config.__post_init__()
+    torch.manual_seed(0)
+    model = HiLight(config).eval()
+    unused = model.image_tower if towers == "video" else model.video_tower
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ablated tower ran")
+
+    monkeypatch.setattr(unused, "forward", refuse)
+    pixels = clips(config, 2)
+    towers_out = model.encode_videos(pixels)
+    embeds = model.video_embeddings(towers_out)
+    assert embeds.shape == (2, config.tokens_per_video, config.llm.hidden_size)
+    if towers == "video":  # the same learned queries whatever the video: only the keys and values differ
+        assert model.token_mining.frame_queries.shape == (config.video.num_frames, config.token_mining.image_dim)
+        assert towers_out.image.numel() == 0
+    else:  # keys and values: Long-CLIP's patch tokens of every frame
+        patches = (config.video.image_size // config.image_tower.patch_size) ** 2
+        assert towers_out.video.shape == (2, config.video.num_frames * patches, config.image_tower.width)
+    full = HiLight(tiny_config(len(tokenizer)))
+    full.load_state_dict(model.state_dict(), strict=False)
+    assert tower_identity(full) != tower_identity(model)  # ablated features never mix with full ones in a cache
+    # stage 1 trains the learned queries with TokenMining
+    model.set_trainable(TrainableConfig(token_mining=True))
+    if towers == "video":
+        assert model.token_mining.frame_queries.requires_grad
+    batch = collate([chat.encode(SAMPLES[0])], chat.pad_id)
+    model(batch.input_ids, batch.attention_mask, batch.labels, pixel_values=pixels[:1]).loss.backward()
+    assert all(p.grad is not None for p in model.token_mining.parameters())
+    save_checkpoint(model, tmp_path / "m", tokenizer)
+    loaded, _ = load_checkpoint(tmp_path / "m")
+    assert loaded.config.towers == towers
+    torch.testing.assert_close(loaded.video_embeddings(loaded.encode_videos(pixels)), embeds.detach())

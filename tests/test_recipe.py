@@ -33,6 +33,16 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
     assert "single_video" in json.loads(report.read_text())
     with pytest.raises(ValueError, match="other settings"):
         billiards_small(tmp_path / "run", seed=2, budget=budget, workers=1)
+    # the ablations reuse the full run's data and towers and repeat the VLM stages
+    for towers in ("video", "image"):
+        ablation = billiards_small(tmp_path / towers, seed=1, budget=budget, workers=1, towers=towers,
+                                   source=tmp_path / "run")
+        assert list(ablation["seconds"]) == ["2 ablated model", *list(summary["seconds"])[4:]]
+        from hilight.checkpoint import read_config
+
+        assert read_config(ablation["model"]).towers == towers
+    with pytest.raises(ValueError, match="needs a full recipe run"):
+        billiards_small(tmp_path / "x", seed=1, budget=budget, towers="video", source=tmp_path / "video")
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model in this build")

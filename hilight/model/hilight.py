@@ -26,8 +26,8 @@ COMPONENTS = ("video_tower", "image_tower", "token_mining", "llm")
 class TowerOutputs:
     """What the frozen towers produce for V videos; this is what a feature cache stores."""
 
-    video: torch.Tensor  # CLIP-ViP last hidden state [V, M + T*L, Dv]
-    image: torch.Tensor  # Long-CLIP projected CLS per frame [V, T, Di]
+    video: torch.Tensor  # CLIP-ViP last hidden state [V, M + T*L, Dv] (towers="image": Long-CLIP's [V, T*L, Dv])
+    image: torch.Tensor  # Long-CLIP projected CLS per frame [V, T, Di] (towers="video": [V, 0])
 
 
 class HiLight(nn.Module):
@@ -38,6 +38,9 @@ class HiLight(nn.Module):
         self.image_tower = LongCLIPImageTower(config.image_tower)
         self.token_mining = TokenMining(config.token_mining)
         self.llm = GemmaForCausalLM(config.llm.to_gemma())
+        if config.towers == "video":  # ablation: per-frame queries learned, not seen
+            frames = torch.randn(config.video.num_frames, config.token_mining.image_dim)
+            self.token_mining.register_parameter("frame_queries", nn.Parameter(frames))
         self.set_trainable(config.trainable)
 
     def set_trainable(self, trainable: TrainableConfig) -> None:
@@ -48,12 +51,22 @@ class HiLight(nn.Module):
 
     def encode_videos(self, pixel_values: torch.Tensor) -> TowerOutputs:
         """Run both towers on V clips [V, T, 3, H, W]; all frames go through Long-CLIP as one batch."""
+        if self.config.towers == "video":
+            return TowerOutputs(video=self.video_tower(pixel_values), image=pixel_values.new_zeros(len(pixel_values), 0))
+        if self.config.towers == "image":
+            v, t = pixel_values.shape[:2]
+            tokens = self.image_tower.tokens(pixel_values.flatten(0, 1))  # [V*T, 1 + L, D]
+            frames = self.image_tower.project(tokens[:, 0]).view(v, t, -1)
+            return TowerOutputs(video=tokens[:, 1:].reshape(v, -1, tokens.shape[-1]), image=frames)
         return TowerOutputs(video=self.video_tower(pixel_values), image=self.image_tower(pixel_values))
 
     def video_embeddings(self, towers: TowerOutputs) -> torch.Tensor:
         """TokenMining output [V, T*Q, D_llm] for tower outputs of V videos."""
         dtype = self.token_mining.CLIP_VIP_projector[0].weight.dtype
-        return self.token_mining(towers.video.to(dtype), towers.image.to(dtype))
+        image = towers.image
+        if self.config.towers == "video":
+            image = self.token_mining.frame_queries.expand(len(towers.video), -1, -1)
+        return self.token_mining(towers.video.to(dtype), image.to(dtype))
 
     def embed(self, input_ids: torch.Tensor, video_embeds: torch.Tensor | None) -> torch.Tensor:
         """Text embeddings with every placeholder run replaced by its video's embeddings.
