@@ -326,10 +326,17 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
     output: list[torch.Tensor] = []
     failure: list[BaseException] = []
 
+    beams = settings.num_beams != 1  # transformers cannot stream beam search: the reply comes whole
+
     def run() -> None:
         try:
             output.append(generate(engine.model, batch, engine.stop_ids, settings, video_embeds=embeds,
-                                   streamer=streamer, stopping=StoppingCriteriaList([_Stop(cancel)]), cache=kv))
+                                   streamer=None if beams else streamer,
+                                   stopping=StoppingCriteriaList([_Stop(cancel)]), cache=kv))
+            if beams:
+                streamer.put(batch.input_ids)  # the prompt: skipped
+                streamer.put(output[0][:1])
+                streamer.end()
         except BaseException as exc:  # reported to the caller below
             failure.append(exc)
             streamer.end()

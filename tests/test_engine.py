@@ -182,3 +182,16 @@ def test_reusable_prefix_leaves_the_last_position_to_run():
     assert cache.reusable([2, "a", "a", 5, 6, 9]) == 5
     assert cache.reusable([2, "a", "a", 5, 6]) == 4  # the same prompt again: its last position runs
     assert cache.reusable([2, "b", "b", 5, 6]) == 1  # another video at the same place
+
+
+def test_beam_search_replies_arrive_whole_and_match_the_batch_path(tokenizer, clips):
+    engine = _engine(tokenizer)
+    settings = GenerationSettings(10, num_beams=3)
+    conversation = Conversation()
+    usage = {}
+    chunks = list(stream_reply(engine, conversation, "What happens?", clips[:1], settings, usage=usage))
+    expected = engine.answer([Message("user", "<video>\nWhat happens?")], clips[:1], settings)
+    assert "".join(chunks).strip() == expected.strip() and expected.strip()
+    assert 0 < usage["completion_tokens"] <= 10 and conversation.messages[-1].content == expected.strip()
+    assert conversation.cache is None  # beams keep no cache; the next turn is a full prefill
+    assert _reply(engine, conversation, "Sure?", [], settings)
