@@ -175,10 +175,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hilight.eval import evaluate, markdown
 
     engine = _engine(args)
+    name = Path(args.model).name if args.model else "bundled model"
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     result = evaluate(engine, args.data, args.videos, args.out, settings, batch_size=args.batch_size,
-                      blind=not args.no_blind, limit=args.limit, title=f"{Path(args.model).name} on {args.data.name}")
-    print(markdown(result, f"{Path(args.model).name} on {args.data}"))
+                      blind=not args.no_blind, limit=args.limit, title=f"{name} on {args.data.name}")
+    print(markdown(result, f"{name} on {args.data}"))
     if args.out:
         print(f"report: {args.out / 'report.md'}, {args.out / 'report.json'}")
     return 0
@@ -571,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("eval", help="judge-free evaluation on a video-QA JSON")
-    p.add_argument("--model", required=True, help="a HiLight checkpoint directory")
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--data", type=Path, required=True, help="LLaVA-style JSON (billiards records carry 'meta')")
     p.add_argument("--videos", type=Path, required=True, help="directory the records' video names are under")
     p.add_argument("--out", type=Path, help="write report.json, report.md and accuracy.png here")
