@@ -185,3 +185,12 @@ def test_single_tower_ablations_run_without_the_other_tower(tokenizer, chat, tow
     loaded, _ = load_checkpoint(tmp_path / "m")
     assert loaded.config.towers == towers
     torch.testing.assert_close(loaded.video_embeddings(loaded.encode_videos(pixels)), embeds.detach())
+
+
+def test_the_lm_head_gets_a_contiguous_input(model):
+    seen = []
+    handle = model.llm.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    hidden = torch.randn(2, 7, model.config.llm.hidden_size)
+    model.llm.lm_head(hidden[:, -1:, :])  # what generation's prefill passes: a strided view
+    handle.remove()
+    assert seen == [True]
