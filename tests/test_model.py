@@ -189,8 +189,10 @@ def test_single_tower_ablations_run_without_the_other_tower(tokenizer, chat, tow
 
 def test_the_lm_head_gets_a_contiguous_input(model):
     seen = []
-    handle = model.llm.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
-    hidden = torch.randn(2, 7, model.config.llm.hidden_size)
-    model.llm.lm_head(hidden[:, -1:, :])  # what generation's prefill passes: a strided view
+    handle = model.llm.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))
+    d = model.config.llm.hidden_size
+    hidden = torch.randn(1, 7, d)
+    out = model.llm.lm_head(hidden[:, -1:, :])  # what a prefill passes: the prompt's strides, (7 d, d, 1)
     handle.remove()
-    assert seen == [True]
+    assert seen == [(d, d, 1)]  # the strides torch's matmul folds into one matrix product
+    torch.testing.assert_close(out, hidden[:, -1:] @ model.llm.lm_head.weight.T)

@@ -31,7 +31,15 @@ class TowerOutputs:
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:])
+    x = args[0]
+    standard, step = [], 1
+    for size in reversed(x.shape):
+        standard.insert(0, step)
+        step *= size
+    if list(x.stride()) == standard:
+        return args
+    # is_contiguous() ignores the stride of a size-1 dim, torch's matmul does not: a fresh copy
+    return (x.clone(memory_format=torch.contiguous_format), *args[1:])
 
 
 class HiLight(nn.Module):
@@ -42,10 +50,10 @@ class HiLight(nn.Module):
         self.image_tower = LongCLIPImageTower(config.image_tower)
         self.token_mining = TokenMining(config.token_mining)
         self.llm = GemmaForCausalLM(config.llm.to_gemma())
-        # In a prefill the LM head reads a strided slice (the last position) of the hidden
-        # states; torch's CPU matmul then takes the bmm path and copies the whole transposed
-        # weight first (1 GB for Gemma's 256k vocabulary: 5.6 s of a 6.7 s follow-up prefill
-        # here). A contiguous input keeps it one plain matrix product.
+        # In a prefill the LM head reads a slice (the last position) of the hidden states, a
+        # [B, 1, D] view with the prompt's strides; torch's CPU matmul then takes the bmm path and
+        # copies the whole transposed weight first (1 GB for Gemma's 256k vocabulary: 5.6 s of a
+        # 6.7 s follow-up prefill here). Standard strides keep it one plain matrix product.
         self.llm.lm_head.register_forward_pre_hook(_contiguous_input)
         if config.towers == "video":  # ablation: per-frame queries learned, not seen
             frames = torch.randn(config.video.num_frames, config.token_mining.image_dim)
