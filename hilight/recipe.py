@@ -169,14 +169,15 @@ def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: in
 
 def _ablate(aligned: Path, target: Path, towers: str) -> None:
     """The aligned model without one tower (see HiLightConfig.towers)."""
-    from hilight.checkpoint import load_checkpoint, save_checkpoint
+    from hilight.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
     from hilight.model import HiLight
 
     model, tokenizer = load_checkpoint(aligned)
-    config = apply_overrides(model.config, [f"towers={towers}"])
-    ablated = HiLight(config)
-    state = {k: v for k, v in model.state_dict().items() if k in ablated.state_dict()}
-    ablated.load_state_dict(state, strict=False)
+    ablated = HiLight(apply_overrides(model.config, [f"towers={towers}"]))
+    state = model.state_dict()
+    if towers == "video":  # the one parameter that starts fresh: the learned frame queries
+        state["token_mining.frame_queries"] = ablated.token_mining.frame_queries.detach()
+    load_state_strict(ablated, state, where=str(aligned))
     save_checkpoint(ablated, target, tokenizer)
 
 
