@@ -1,10 +1,13 @@
-"""Timing helper shared by the benchmarks."""
+"""Timing, FLOP counting and the machine's matmul rate, shared by the benchmarks."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
@@ -17,3 +20,19 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def gflop(fn: Callable[[], object]) -> float:
+    """GFLOP of running ``fn``, counted by torch (CPU attention included)."""
+    # torch's counter knows the GPU attention kernels, not the CPU one: count it the same way
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda query, key, value, *_, out_shape=None, **__: sdpa_flop_count(query, key, value)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 2048, n: int = 2048, repeats: int = 5) -> float:
+    """The GFLOP/s of one [m, k] x [k, n] matrix product in ``dtype`` on this machine."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    return 2 * m * k * n / median_time(lambda: a @ b, repeats) / 1e9

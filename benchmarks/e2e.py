@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import median_time
+from common import gflop, matmul_gflops, median_time
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from hilight.checkpoint import build_empty, load_state_strict, tie_llm_embeddings, tied_keys
 from hilight.config import HiLightConfig, preset
@@ -81,11 +80,6 @@ def read_bandwidth_gbs(mib: int) -> float:
     x = torch.ones(mib << 18)  # fp32: mib MiB
     seconds = median_time(lambda: x.sum(), repeats=5)
     return x.numel() * x.element_size() / seconds / 1e9
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n**3 / median_time(lambda: a @ b, repeats=5) / 1e9
 
 
 def question(tokenizer, count: int, offset: int = 0) -> str:
@@ -162,16 +156,14 @@ def measure(engine: Engine, clip: Path, questions: list[str], new_tokens: int, r
 
 def count_gflop(engine: Engine, clip: Path, text: str) -> dict:
     """FLOPs (counted, not estimated) of encoding the video and of the turn-1 prefill."""
-    # torch's counter knows the GPU attention kernels, not the CPU one: count it the same way
-    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-                lambda query, key, value, *_, out_shape=None, **__: sdpa_flop_count(query, key, value)}
     model = engine.model
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as encode:
-        embeds = model.video_embeddings(model.encode_videos(load_video(clip, model.config.video).unsqueeze(0)))
-    ids = engine.chat.encode([Message("user", f"<video>\n{text}")], generation=True).input_ids
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as prefill:
-        model.llm(inputs_embeds=model.embed(torch.tensor([ids]), embeds), logits_to_keep=1)
-    return {"encode": encode.get_total_flops() / 1e9, "prefill": prefill.get_total_flops() / 1e9}
+    embeds = []
+    with torch.inference_mode():
+        encode = gflop(lambda: embeds.append(model.video_embeddings(
+            model.encode_videos(load_video(clip, model.config.video).unsqueeze(0)))))
+        ids = engine.chat.encode([Message("user", f"<video>\n{text}")], generation=True).input_ids
+        prefill = gflop(lambda: model.llm(inputs_embeds=model.embed(torch.tensor([ids]), embeds[0]), logits_to_keep=1))
+    return {"encode": encode, "prefill": prefill}
 
 
 def decode_bytes_per_token(model: HiLight, context: int) -> int:
@@ -183,10 +175,10 @@ def decode_bytes_per_token(model: HiLight, context: int) -> int:
     return weights + kv
 
 
-def bounds(model: HiLight, figures: dict, gflop: dict, bandwidth: float, gflops: float, new_tokens: int) -> dict:
+def bounds(model: HiLight, figures: dict, counted: dict, bandwidth: float, gflops: float, new_tokens: int) -> dict:
     context = figures["turn1"]["prefill_positions"] + new_tokens // 2  # the mean context while decoding
     per_token = decode_bytes_per_token(model, context)
-    return {"encode_s": gflop["encode"] / gflops, "prefill_s": gflop["prefill"] / gflops,
+    return {"encode_s": counted["encode"] / gflops, "prefill_s": counted["prefill"] / gflops,
             "decode_tokens_per_s": bandwidth * 1e9 / per_token, "decode_bytes_per_token": per_token}
 
 
@@ -253,15 +245,15 @@ def main() -> None:
     engine = Engine(model, tokenizer)
     ours = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=True)
     ours["peak_rss_gb"] = peak_rss_gb()
-    gflop = count_gflop(engine, clip, questions[0])
-    bound = bounds(model, ours, gflop, bandwidth, rates[torch.bfloat16], args.new_tokens)
+    counted = count_gflop(engine, clip, questions[0])
+    bound = bounds(model, ours, counted, bandwidth, rates[torch.bfloat16], args.new_tokens)
     base = base_bound = None
     if not args.skip_baseline:
         reset_peak_rss()
         engine = Engine(model.float(), tokenizer)  # the same weights, converted tensor by tensor
         base = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=False)
         base["peak_rss_gb"] = peak_rss_gb()
-        base_bound = bounds(model, base, gflop, bandwidth, rates[torch.float32], args.new_tokens)
+        base_bound = bounds(model, base, counted, bandwidth, rates[torch.float32], args.new_tokens)
 
     print(f"{args.preset}: one {frames}-frame video, a {args.question_tokens}-token question, "
           f"{args.new_tokens} greedy new tokens; {torch.get_num_threads()} threads, "
@@ -280,7 +272,7 @@ def main() -> None:
                    "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "read_bandwidth_gbs": bandwidth,
                    "matmul_gflops": {"bf16": rates[torch.bfloat16], "fp32": rates[torch.float32]},
-                   "gflop": gflop, "build": build, "ours": ours, "ours_bound": bound,
+                   "gflop": counted, "build": build, "ours": ours, "ours_bound": bound,
                    "baseline": base, "baseline_bound": base_bound}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -20,8 +20,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from common import median_time
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from common import gflop, matmul_gflops, median_time
 
 from hilight.config import HiLightConfig
 from hilight.model import clip_vip
@@ -48,20 +47,6 @@ def manual_proxy_attention(q, k, v, num_proxy: int, num_frames: int):
     return out.view(b, h, s, hd)
 
 
-def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    return 2 * m * k * n / median_time(lambda: a @ b, repeats * 4) / 1e9
-
-
-def count_gflop(fn) -> float:
-    # torch's counter knows the GPU attention kernels, not the CPU one: count it the same way
-    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-                lambda query, key, value, *_, out_shape=None, **__: sdpa_flop_count(query, key, value)}
-    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -79,11 +64,10 @@ def main() -> None:
     q, k, v = (torch.randn(1, vt.num_heads, vt.num_tokens(frames), vt.hidden_size // vt.num_heads) for _ in range(3))
 
     tokens = frames * cfg.video_tower.patches_per_frame
-    rates = {name: matmul_rate(tokens, cfg.video_tower.hidden_size, cfg.video_tower.intermediate_size, dtype,
-                               args.repeats) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    rates = {name: matmul_gflops(dtype, tokens, cfg.video_tower.hidden_size, cfg.video_tower.intermediate_size,
+                                 args.repeats * 4) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     with torch.inference_mode():
-        gflop = {"video_tower": count_gflop(lambda: video_tower(pixels)),
-                 "image_tower": count_gflop(lambda: image_tower(pixels))}
+        counted = {"video_tower": gflop(lambda: video_tower(pixels)), "image_tower": gflop(lambda: image_tower(pixels))}
         results = {
             "video_tower_s": median_time(lambda: video_tower(pixels), args.repeats),
             "image_tower_s": median_time(lambda: image_tower(pixels), args.repeats),
@@ -118,11 +102,11 @@ def main() -> None:
             results["compile_s"] = time.perf_counter() - start
             for name, fn in compiled.items():
                 results[f"{name}_tower_bf16_compiled_s"] = median_time(lambda fn=fn: fn(pixels), args.repeats)
-    results["gflop"] = gflop
+    results["gflop"] = counted
     results["matmul_gflops_at_tower_shapes"] = rates
     for name in ("video_tower", "image_tower"):
         for precision, key in (("fp32", f"{name}_s"), ("bf16", f"{name}_bf16_s")):
-            achieved = gflop[name] / results[key]
+            achieved = counted[name] / results[key]
             results[f"{name}_{precision}_gflops"] = achieved
             results[f"{name}_{precision}_of_matmul_rate"] = achieved / rates[precision]
     results["attention_speedup"] = results["attention_manual_ms"] / results["attention_sdpa_ms"]
@@ -144,10 +128,10 @@ def main() -> None:
           f"(min cosine {results['image_tower_bf16_cosine_min']:.4f})")
     print(f"  matmul at the towers' shapes: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s")
     for name in ("video_tower", "image_tower"):
-        print(f"  {name}: {gflop[name]:.0f} GFLOP; fp32 {results[f'{name}_fp32_gflops']:.0f} GFLOP/s "
+        print(f"  {name}: {counted[name]:.0f} GFLOP; fp32 {results[f'{name}_fp32_gflops']:.0f} GFLOP/s "
               f"({results[f'{name}_fp32_of_matmul_rate']:.0%} of matmul), bf16 {results[f'{name}_bf16_gflops']:.0f} "
               f"GFLOP/s ({results[f'{name}_bf16_of_matmul_rate']:.0%}); at the bf16 matmul rate it needs >= "
-              f"{gflop[name] / rates['bf16']:.2f} s")
+              f"{counted[name] / rates['bf16']:.2f} s")
     if args.compile:
         print(f"  torch.compile (bf16, frozen): video {results['video_tower_bf16_compiled_s']:.3f} s, image "
               f"{results['image_tower_bf16_compiled_s']:.3f} s, after {results['compile_s']:.0f} s of compiling")
