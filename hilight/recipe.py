@@ -5,9 +5,11 @@ Steps (each timed): generate the data set; train a Gemma-style tokenizer and bui
 ``billiards-small`` model; align the video tower (CLIP-ViP+: global + SPARC local loss +
 language mask, plus the frame-facts loss on the generator's ball tracks) and then the image
 tower (Long-CLIP role, frame by frame, same losses); cache both towers' outputs; VLM stage 1
-(TokenMining); VLM stage 2 as a *full* fine-tune of TokenMining and the LLM (a 4-layer LLM that
-starts from random weights has no language to preserve, so LoRA would only slow it down);
-evaluate on the held-out test split.
+(TokenMining, trained to name each frame's balls and their positions from its outputs: the
+LLM still has random weights, so its caption loss would carry no signal, and is skipped); VLM
+stage 2 as a *full* fine-tune of TokenMining and the LLM on the questions, the frame-facts loss
+kept beside it (a 4-layer LLM that starts from random weights has no language to preserve, so
+LoRA would only slow it down); evaluate on the held-out test split.
 
 ``recipe.json`` is rewritten after every step, so an interrupted run started again with the same
 ``--out`` goes on from the first unfinished step. Ablations (``towers="video"`` or ``"image"``)
@@ -40,7 +42,7 @@ from hilight.config import (
 log = logging.getLogger(__name__)
 
 STEPS = ("1 data", "2 tokenizer + model", "3 align video tower", "4 align image tower", "5 tower features",
-         "6 stage 1 (TokenMining)", "7 stage 2 (full fine-tune)", "8 evaluation")
+         "6 stage 1 (TokenMining on frame facts)", "7 stage 2 (full fine-tune)", "8 evaluation")
 ABLATION_STEPS = ("2 ablated model", *STEPS[4:])
 
 
@@ -49,8 +51,8 @@ class RecipeBudget:
     clips: int = 3000
     align_steps: int = 600
     image_align_steps: int = 300
-    stage1_steps: int = 200
-    stage2_steps: int = 2500
+    stage1_steps: int = 1500
+    stage2_steps: int = 2000
     batch_size: int = 16
     vocab_size: int = 1000
     frame_facts_weight: float = 1.0
@@ -199,14 +201,18 @@ def _vlm(out: Path, data: Path, aligned: Path, seed: int, budget: RecipeBudget, 
 
     progress.step(STEPS[4], out / "features" / "complete", features)
     vlm_data = DataConfig(train=str(data / "train.json"), val=str(data / "val.json"), videos=str(data / "videos"),
-                          cache=str(out / "features"))
-    stages = ((STEPS[5], aligned, "stage1", TrainableConfig(token_mining=True), budget.stage1_steps, 2e-3),
+                          cache=str(out / "features"),
+                          facts=[str(data / "train-captions.json"), str(data / "val-captions.json")])
+    # stage 1: frame facts only (lm_weight 0); stage 2: answers and frame facts together
+    stage1_lm = 0.0 if budget.frame_facts_weight else 1.0
+    stages = ((STEPS[5], aligned, "stage1", TrainableConfig(token_mining=True), budget.stage1_steps, 2e-3, stage1_lm),
               (STEPS[6], out / "stage1" / "final", "stage2", TrainableConfig(token_mining=True, llm=True),
-               budget.stage2_steps, 1e-3))
-    for name, start_from, folder, trainable, steps, lr in stages:
+               budget.stage2_steps, 1e-3, 1.0))
+    for name, start_from, folder, trainable, steps, lr, lm_weight in stages:
         cfg = TrainConfig(model=str(start_from), output_dir=str(out / folder), data=vlm_data, trainable=trainable,
                           max_steps=steps, batch_size=budget.batch_size, lr=lr, warmup_ratio=0.03,
-                          eval_every=max(1, steps // 4), save_every=steps, max_length=512, seed=seed)
+                          eval_every=max(1, steps // 4), save_every=steps, max_length=512, seed=seed,
+                          frame_facts_weight=budget.frame_facts_weight, lm_weight=lm_weight)
         progress.step(name, out / folder / "final" / "config.json", lambda cfg=cfg: train(cfg))
     return out / "stage2" / "final"
 

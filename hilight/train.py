@@ -6,6 +6,10 @@ One recipe serves every stage; the stage is the config's ``trainable`` flags plu
 - stage 2: ``lora.enabled`` (LoRA on every Gemma linear layer), TokenMining frozen or trained
   together with it; or ``trainable.llm`` for a full fine-tune of small models.
 
+Where the data carries each video's ball tracks (``data.facts``), a training-only head can
+also predict every frame's facts from that frame's TokenMining outputs (``frame_facts_weight``);
+with ``lm_weight`` 0 that is the whole loss and the LLM never runs.
+
 The loop itself (accelerate, checkpoints, resume, metrics) is :func:`hilight.loop.fit`.
 """
 
@@ -19,7 +23,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from hilight.checkpoint import load_checkpoint, replace_dir, save_checkpoint
 from hilight.config import TrainConfig
@@ -31,6 +38,93 @@ from hilight.text import IGNORE_INDEX, ChatTokenizer
 log = logging.getLogger(__name__)
 
 ADAPTER_EXTRA = "extra_weights.safetensors"  # non-LoRA weights trained with the adapter (TokenMining)
+FACTS_HEAD = "frame_facts_head.safetensors"  # the training-only frame-facts head, for the next stage
+
+
+class MinedFacts(nn.Module):
+    """Training-only head: from the Q TokenMining outputs of each frame, which objects the
+    frame shows (logits) and where (fractions of the frame). It gives TokenMining a signal that
+    needs the video even while the LLM cannot use one yet; it is never part of the model."""
+
+    def __init__(self, names: list[str], queries_per_frame: int, llm_dim: int):
+        super().__init__()
+        self.names = names
+        self.queries_per_frame = queries_per_frame
+        self.head = nn.Linear(queries_per_frame * llm_dim, 3 * len(names))
+
+    def loss(self, video_embeds: torch.Tensor, present: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        """``video_embeds`` [V, T*Q, D]; ``present`` [V, T, C] in {0, 1}; ``xy`` [V, T, C, 2]."""
+        v, tq, d = video_embeds.shape
+        frames = video_embeds.reshape(v, tq // self.queries_per_frame, self.queries_per_frame * d)
+        out = self.head(frames.float()).view(v, -1, 3, len(self.names))  # [V, T, 3, C]
+        loss = F.binary_cross_entropy_with_logits(out[:, :, 0], present)
+        shown = present > 0
+        if shown.any():  # positions only of the objects a frame shows
+            loss = loss + (out[:, :, 1:].permute(0, 1, 3, 2)[shown] - xy[shown]).abs().mean()
+        return loss
+
+    def save(self, path: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path,
+                  metadata={"names": json.dumps(self.names)})
+
+    def load_if_matching(self, path: Path) -> bool:
+        """Continue a previous stage's head (same objects and shapes); False if there is none."""
+        if not path.is_file():
+            return False
+        with safe_open(str(path), "pt") as f:
+            names = json.loads((f.metadata() or {}).get("names", "[]"))
+        state = load_file(path)
+        if names != self.names or any(state[k].shape != v.shape for k, v in self.state_dict().items() if k in state):
+            log.warning("%s: a frame-facts head for other objects or sizes; starting a fresh one", path)
+            return False
+        self.load_state_dict(state)
+        return True
+
+
+def read_facts(files: list[str], video_dir: Path, video_cfg) -> tuple[list[str], dict[Path, tuple]]:
+    """Every video's frame-facts targets (``present`` [T, C], ``xy`` [T, C, 2]) from JSON lists
+    of ``{"video", "tracks"}``, for the frames the model is shown."""
+    from hilight.align import frame_facts
+
+    tracks: dict[Path, dict] = {}
+    for file in files:
+        for n, rec in enumerate(read_records(file)):
+            if not isinstance(rec, dict) or not isinstance(rec.get("video"), str) or not isinstance(rec.get("tracks"), dict):
+                raise ValueError(f"{file}: record {n} has no 'video' name and 'tracks'")
+            tracks[video_dir / rec["video"]] = rec["tracks"]
+    names = sorted({name for t in tracks.values() for name in t["names"]})
+    table = {}
+    for video, t in tracks.items():
+        try:
+            f = frame_facts(t, names, video_cfg, grid=1)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{video.name}: malformed tracks ({exc})") from None
+        table[video] = (f["present"], f["xy"])
+    return names, table
+
+
+class FactsTrainee(nn.Module):
+    """The model plus the frame-facts head; one forward gives the stage's weighted loss."""
+
+    def __init__(self, model: HiLight, facts: MinedFacts, lm_weight: float, facts_weight: float):
+        super().__init__()
+        self.model = model
+        self.facts = facts
+        self.lm_weight = lm_weight
+        self.facts_weight = facts_weight
+
+    def forward(self, batch: dict, present: torch.Tensor | None, xy: torch.Tensor | None) -> torch.Tensor:
+        towers = batch.get("towers")
+        if towers is None and "pixel_values" in batch:
+            towers = self.model.encode_videos(batch["pixel_values"])
+        embeds = self.model.video_embeddings(towers) if towers is not None else None
+        loss = torch.zeros((), device=batch["input_ids"].device)
+        if embeds is not None and present is not None:
+            loss = loss + self.facts_weight * self.facts.loss(embeds, present, xy)
+        if self.lm_weight:
+            out = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], video_embeds=embeds)
+            loss = loss + self.lm_weight * out.loss
+        return loss
 
 
 def apply_lora(model: HiLight, cfg) -> None:
@@ -100,25 +194,54 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if len(train_set) == 0:
         raise ValueError(f"{cfg.data.train}: no usable training sample ({len(train_set.bad)} excluded)")
     set_stage(model, cfg)
+    trainee, table = model, None
+    if cfg.frame_facts_weight:
+        names, table = read_facts(cfg.data.facts, Path(cfg.data.videos), model.config.video)
+        missing = [v for s in train_set.samples for v in s.videos if v not in table]
+        if missing:
+            raise ValueError(f"{', '.join(cfg.data.facts)}: no ball tracks for {missing[0].name} "
+                             f"({len(set(missing))} training video(s) without)")
+        head = MinedFacts(names, model.config.token_mining.queries_per_frame, model.config.llm.hidden_size)
+        if head.load_if_matching(Path(cfg.model) / FACTS_HEAD):
+            log.info("frame-facts head continued from %s", cfg.model)
+        trainee = FactsTrainee(model, head, cfg.lm_weight, cfg.frame_facts_weight)
 
-    def batch_loss(model, indices: list[int]) -> torch.Tensor:
-        batch = collate_samples([train_set[i] for i in indices], chat.pad_id)
-        return model(**_to(batch, accelerator.device)).loss
+    def targets(samples) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        videos = [v for s in samples for v in s.videos]
+        if table is None or not videos or any(v not in table for v in videos):
+            return None, None
+        device = accelerator.device
+        return (torch.stack([table[v][0] for v in videos]).to(device), torch.stack([table[v][1] for v in videos]).to(device))
 
-    def validate(model) -> float:
+    def loss_of(module, dataset, indices: list[int]) -> torch.Tensor:
+        batch = _to(collate_samples([dataset[i] for i in indices], chat.pad_id), accelerator.device)
+        if table is None:
+            return module(**batch).loss
+        return module(batch, *targets([dataset.samples[i] for i in indices]))
+
+    def validate(module) -> float:
         total, count = 0.0, 0
         for start in range(0, len(val_set), cfg.batch_size):
-            batch = collate_samples([val_set[i] for i in range(start, min(len(val_set), start + cfg.batch_size))],
-                                    chat.pad_id)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total, count = total + model(**_to(batch, accelerator.device)).loss.item() * n, count + n
+            indices = list(range(start, min(len(val_set), start + cfg.batch_size)))
+            if cfg.lm_weight:  # the language-model loss per answer token, comparable across runs
+                batch = _to(collate_samples([val_set[i] for i in indices], chat.pad_id), accelerator.device)
+                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                lm = module.model if isinstance(module, FactsTrainee) else module
+                total, count = total + lm(**batch).loss.item() * n, count + n
+            else:  # facts only: the frame-facts loss of the samples with tracks
+                present, _ = targets([val_set.samples[i] for i in indices])
+                if present is not None:
+                    total, count = total + loss_of(module, val_set, indices).item() * len(indices), count + len(indices)
         return total / max(count, 1)
 
-    result = fit(cfg, accelerator, model, len(train_set), batch_loss, lambda i: train_set.samples[i].id,
-                 validate if val_set is not None and len(val_set) else None, resume)
+    result = fit(cfg, accelerator, trainee, len(train_set), lambda m, idx: loss_of(m, train_set, idx),
+                 lambda i: train_set.samples[i].id, validate if val_set is not None and len(val_set) else None, resume)
     final = out_dir / "final"
     if accelerator.is_main_process:
-        save_final(result["model"], tokenizer, cfg, final)
+        trained = result["model"]
+        save_final(trained.model if isinstance(trained, FactsTrainee) else trained, tokenizer, cfg, final)
+        if isinstance(trained, FactsTrainee):
+            trained.facts.save(final / FACTS_HEAD)
     finish(accelerator)
     return {"final_loss": result["final_loss"], "steps": result["steps"], "samples": len(train_set),
             "excluded": len(train_set.bad), "final": str(final), "world_size": result["world_size"]}

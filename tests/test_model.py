@@ -196,3 +196,49 @@ def test_the_lm_head_gets_a_contiguous_input(model):
     handle.remove()
     assert seen == [(d, d, 1)]  # the strides torch's matmul folds into one matrix product
     torch.testing.assert_close(out, hidden[:, -1:] @ model.llm.lm_head.weight.T)
+
+
+def _mining(frame_local: bool):
+    from hilight.config import TokenMiningConfig
+    from hilight.model.token_mining import TokenMining
+
+    torch.manual_seed(0)
+    return TokenMining(TokenMiningConfig(video_dim=8, image_dim=6, llm_dim=10, queries_per_frame=3,
+                                         frame_local=frame_local, slot_queries=True))
+
+
+def test_frame_local_token_mining_reads_only_its_own_frame():
+    tm = _mining(frame_local=True)
+    frames, per_frame, glob = 4, 5, 2
+    video, embeds = torch.randn(1, glob + frames * per_frame, 8), torch.randn(1, frames, 6)
+    base = tm(video, embeds, glob)
+    changed = video.clone()
+    changed[:, glob + 2 * per_frame: glob + 3 * per_frame] += 1.0  # frame 2's patches only
+    moved = (tm(changed, embeds, glob) - base).abs().amax(-1)[0]  # [T*Q]
+    assert (moved[6:9] > 1e-4).all() and moved[:6].max() == 0 and moved[9:].max() == 0
+    clip_level = video.clone()
+    clip_level[:, :glob] += 1.0  # CLS and proxy tokens are not read frame-locally
+    assert torch.equal(tm(clip_level, embeds, glob), base)
+    # the slots of one frame differ even when every frame embedding is the same
+    same = tm(video, torch.zeros(1, frames, 6), glob)[0]
+    assert (same[0] - same[1]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="not 2 global tokens plus 4 frames"):
+        tm(torch.randn(1, glob + frames * per_frame + 1, 8), embeds, glob)
+
+
+def test_clip_wide_token_mining_mixes_all_frames():
+    tm = _mining(frame_local=False)
+    video, embeds = torch.randn(1, 22, 8), torch.randn(1, 4, 6)
+    changed = video.clone()
+    changed[:, 12:17] += 1.0
+    assert ((tm(changed, embeds, 2) - tm(video, embeds, 2)).abs().amax(-1) > 1e-4).all()
+
+
+def test_released_layout_has_no_new_token_mining_parameters():
+    from hilight.config import TokenMiningConfig
+    from hilight.model.token_mining import TokenMining
+
+    from tests.synthetic import token_mining_state
+
+    cfg = TokenMiningConfig(video_dim=8, image_dim=6, llm_dim=10, queries_per_frame=3)
+    assert set(TokenMining(cfg).state_dict()) == set(token_mining_state(cfg))  # the released key names, no more

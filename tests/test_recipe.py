@@ -14,7 +14,7 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
                           vocab_size=400)
     summary = billiards_small(tmp_path / "run", seed=1, budget=budget, workers=1)
     assert set(summary["seconds"]) == {"1 data", "2 tokenizer + model", "3 align video tower", "4 align image tower",
-                                       "5 tower features", "6 stage 1 (TokenMining)", "7 stage 2 (full fine-tune)",
+                                       "5 tower features", "6 stage 1 (TokenMining on frame facts)", "7 stage 2 (full fine-tune)",
                                        "8 evaluation"}
     assert 0 <= summary["accuracy"]["overall"]["accuracy"] <= 1
     assert (tmp_path / "run" / "report" / "accuracy.png").is_file()

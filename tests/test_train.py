@@ -239,3 +239,46 @@ def test_gradient_checkpointing_and_accumulation(workspace):
     assert result["final_loss"] == result["final_loss"]  # finite, not NaN
     model, _ = load_checkpoint(workspace / "gc" / "final")
     assert model.config.trainable.llm
+
+
+def _facts_config(root: Path, out: str, model: Path, lm_weight: float, llm: bool) -> TrainConfig:
+    cfg = _config(root, out, **{"trainable.token_mining": "true", "trainable.llm": str(llm).lower()})
+    cfg.model = str(model)
+    cfg.data.facts = [str(root / "bil" / "train-captions.json"), str(root / "bil" / "val-captions.json")]
+    cfg.frame_facts_weight, cfg.lm_weight = 1.0, lm_weight
+    cfg.__post_init__()
+    return cfg
+
+
+def test_frame_facts_stage_trains_token_mining_alone_then_hands_its_head_on(workspace, caplog):
+    from hilight.train import FACTS_HEAD
+
+    base, _ = load_checkpoint(workspace / "base")
+    stage1 = train(_facts_config(workspace, "facts1", workspace / "base", lm_weight=0.0, llm=False))
+    tuned, _ = load_checkpoint(stage1["final"])
+    before, after = base.state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("token_mining."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("token_mining."))
+    assert (Path(stage1["final"]) / FACTS_HEAD).is_file()
+    assert not any(k.startswith("facts.") or k.startswith("model.") for k in after)  # the head is not in the model
+    rows = [json.loads(x) for x in (workspace / "facts1" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in rows) and any("val_loss" in r for r in rows)
+    with caplog.at_level("INFO", logger="hilight.train"):
+        stage2 = train(_facts_config(workspace, "facts2", Path(stage1["final"]), lm_weight=1.0, llm=True))
+    assert "frame-facts head continued" in caplog.text
+    assert (Path(stage2["final"]) / FACTS_HEAD).is_file()
+
+
+def test_frame_facts_config_errors(workspace, tmp_path):
+    from hilight.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs data.facts"):
+        _config(workspace, "x", frame_facts_weight="1")
+    with pytest.raises(ConfigError, match="no LLM training"):
+        _facts_config(workspace, "x", workspace / "base", lm_weight=0.0, llm=True)
+    captions = json.loads((workspace / "bil" / "train-captions.json").read_text())
+    (tmp_path / "few.json").write_text(json.dumps(captions[:2]))
+    cfg = _facts_config(workspace, "facts-missing", workspace / "base", lm_weight=0.0, llm=False)
+    cfg.data.facts = [str(tmp_path / "few.json")]
+    with pytest.raises(ValueError, match="few.json: no ball tracks for"):
+        train(cfg)

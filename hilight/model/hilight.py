@@ -83,7 +83,9 @@ class HiLight(nn.Module):
         image = towers.image
         if self.config.towers == "video":
             image = self.token_mining.frame_queries.expand(len(towers.video), -1, -1)
-        return self.token_mining(towers.video.to(dtype), image.to(dtype))
+        # CLIP-ViP's output starts with its CLS and proxy tokens; Long-CLIP patch tokens do not
+        global_tokens = 0 if self.config.towers == "image" else 1 + self.config.video_tower.add_cls_num
+        return self.token_mining(towers.video.to(dtype), image.to(dtype), global_tokens)
 
     def embed(self, input_ids: torch.Tensor, video_embeds: torch.Tensor | None) -> torch.Tensor:
         """Text embeddings with every placeholder run replaced by its video's embeddings.
