@@ -12,9 +12,11 @@ kept beside it (a 4-layer LLM that starts from random weights has no language to
 LoRA would only slow it down); evaluate on the held-out test split.
 
 ``recipe.json`` is rewritten after every step, so an interrupted run started again with the same
-``--out`` goes on from the first unfinished step. Ablations (``towers="video"`` or ``"image"``)
-reuse the data and aligned towers of a finished full run and repeat the VLM stages without one
-tower.
+``--out`` goes on from the first unfinished step. With ``source`` (a finished run), a run reuses
+that run's data, tokenizer, aligned towers and tower features and repeats the VLM stages with a
+fresh TokenMining and LLM from the current preset: this is how the ablations
+(``towers="video"`` or ``"image"``) run, and how a change to the VLM side is tried without
+aligning the towers again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hilight.config import (
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 
 STEPS = ("1 data", "2 tokenizer + model", "3 align video tower", "4 align image tower", "5 tower features",
          "6 stage 1 (TokenMining on frame facts)", "7 stage 2 (full fine-tune)", "8 evaluation")
-ABLATION_STEPS = ("2 ablated model", *STEPS[4:])
+SOURCE_STEPS = ("2 model from the source run's towers", *STEPS[4:])
 
 
 @dataclass
@@ -101,23 +103,25 @@ def billiards_small(out: Path, seed: int = 0, budget: RecipeBudget | None = None
                     towers: str = "both", source: Path | None = None) -> dict:
     """Run the whole recipe under ``out``; returns the per-step times and the evaluation.
 
-    ``towers="video"`` (no image tower) or ``"image"`` (no video tower) is an ablation: it takes
-    the data and the aligned towers from ``source``, a full run, and repeats steps 5-8."""
+    With ``source`` (a finished run with aligned towers), steps 1-4 are that run's and only
+    steps 5-8 run here; ``towers="video"`` (no image tower) or ``"image"`` (no video tower), the
+    ablations, need one."""
     budget = budget or RecipeBudget()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"recipe": "billiards-small", "seed": seed, "budget": asdict(budget), "towers": towers}
-    if towers != "both":
+    if source is not None or towers != "both":
         if source is None or not (source / "align-image" / "final" / "config.json").is_file():
             raise RecipeError(f"{source}: an ablation needs a full recipe run with aligned towers (--source)")
         settings["source"] = str(source)
     progress = Progress(out, settings)
-    if towers == "both":
-        data, aligned = out / "data", out / "align-image" / "final"
+    if source is None:
+        data, aligned, features = out / "data", out / "align-image" / "final", out / "features"
         _prepare(out, data, seed, budget, workers, progress)
-    else:
-        data, aligned = source / "data", out / "ablated"
-        progress.step(ABLATION_STEPS[0], aligned, lambda: _ablate(source / "align-image" / "final", aligned, towers))
-    model = _vlm(out, data, aligned, seed, budget, progress)
+    else:  # the source's feature cache: keys name the towers and settings, so entries never mix
+        data, aligned, features = source / "data", out / "model", source / "features"
+        progress.step(SOURCE_STEPS[0], aligned,
+                      lambda: _from_source(source / "align-image" / "final", aligned, towers, seed))
+    model = _vlm(out, data, aligned, features, seed, budget, progress)
     result = {}
     progress.step(STEPS[7], out / "report" / "report.json", lambda: result.update(_evaluate(model, data, out)))
     if not result:
@@ -169,39 +173,74 @@ def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: in
         progress.step(name, out / f"align-{tower}" / "final" / "config.json", lambda cfg=cfg: align(cfg))
 
 
-def _ablate(aligned: Path, target: Path, towers: str) -> None:
-    """The aligned model without one tower (see HiLightConfig.towers)."""
+def _from_source(aligned: Path, target: Path, towers: str, seed: int) -> None:
+    """A fresh ``billiards-small`` model (TokenMining and LLM from the current preset, seeded)
+    with the source run's aligned towers and tokenizer; ``towers`` as HiLightConfig.towers."""
+    import torch
+
     from hilight.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
     from hilight.model import HiLight
 
     model, tokenizer = load_checkpoint(aligned)
-    ablated = HiLight(apply_overrides(model.config, [f"towers={towers}"]))
-    state = model.state_dict()
-    if towers == "video":  # the one parameter that starts fresh: the learned frame queries
-        state["token_mining.frame_queries"] = ablated.token_mining.frame_queries.detach()
-    load_state_strict(ablated, state, where=str(aligned))
-    save_checkpoint(ablated, target, tokenizer)
+    config = apply_overrides(preset("billiards-small"), [f"llm.vocab_size={model.config.llm.vocab_size}",
+                                                         f"towers={towers}"])
+    for part in ("video_tower", "image_tower", "video"):
+        if getattr(config, part) != getattr(model.config, part):
+            raise RecipeError(f"{aligned}: its {part} settings differ from the billiards-small preset's; "
+                              "run the whole recipe instead")
+    torch.manual_seed(seed)
+    fresh = HiLight(config)
+    state = fresh.state_dict()
+    state.update({k: v for k, v in model.state_dict().items() if k.startswith(("video_tower.", "image_tower."))})
+    load_state_strict(fresh, state, where=str(aligned))
+    save_checkpoint(fresh, target, tokenizer)
 
 
-def _vlm(out: Path, data: Path, aligned: Path, seed: int, budget: RecipeBudget, progress: Progress) -> Path:
+def _inventory_records(data: Path, video_cfg) -> list[dict]:
+    """The training-only inventory questions (hilight.synth.qa.inventory_qas) of every training
+    clip, read from its tracks at the first and last frame the model is shown."""
+    from hilight.align import frame_facts
+    from hilight.synth.qa import inventory_qas
+
+    clips = json.loads((data / "train-captions.json").read_text())
+    records = []
+    for clip in clips:
+        names = clip["tracks"]["names"]
+        present = frame_facts(clip["tracks"], names, video_cfg, grid=1)["present"]  # [T, N]
+        start = [n for k, n in enumerate(names) if present[0, k] > 0]
+        end = [n for k, n in enumerate(names) if present[-1, k] > 0]
+        for qa in inventory_qas(start, end):
+            records.append({"id": f"{Path(clip['video']).stem}-{qa.qtype}", "video": clip["video"],
+                            "conversations": [{"from": "human", "value": f"<video>\n{qa.question}"},
+                                              {"from": "gpt", "value": qa.answer}],
+                            "meta": {"types": [qa.qtype], "truth": [qa.truth]}})
+    return records
+
+
+def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget: RecipeBudget,
+         progress: Progress) -> Path:
     """Steps 5-7: tower features, stage 1, stage 2; returns the final model's directory."""
     import torch
 
-    from hilight.checkpoint import load_checkpoint
+    from hilight.checkpoint import load_checkpoint, read_config
     from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
     from hilight.train import train
 
-    def features() -> None:
+    def extract() -> None:
         model, _ = load_checkpoint(aligned, with_tokenizer=False)
-        cache = FeatureCache(out / "features", tower_identity(model))
+        cache = FeatureCache(features, tower_identity(model))
         videos = [v for split in ("train", "val", "test") for r in read_records(data / f"{split}.json")
                   for v in record_videos(r, data / "videos")]
         extract_features(model, videos, cache, torch.float16)
-        (out / "features" / "complete").write_text("")
+        (out / "features-complete").write_text("")
 
-    progress.step(STEPS[4], out / "features" / "complete", features)
+    progress.step(STEPS[4], out / "features-complete", extract)
+    # stage 2 trains on the questions plus the inventory questions of every training clip
+    train_records = out / "stage2-train.json"
+    records = read_records(data / "train.json") + _inventory_records(data, read_config(aligned).video)
+    train_records.write_text(json.dumps(records) + "\n")
     vlm_data = DataConfig(train=str(data / "train.json"), val=str(data / "val.json"), videos=str(data / "videos"),
-                          cache=str(out / "features"),
+                          cache=str(features),
                           facts=[str(data / "train-captions.json"), str(data / "val-captions.json")])
     # stage 1: frame facts only (lm_weight 0); stage 2: answers and frame facts together
     stage1_lm = 0.0 if budget.frame_facts_weight else 1.0
@@ -209,7 +248,8 @@ def _vlm(out: Path, data: Path, aligned: Path, seed: int, budget: RecipeBudget, 
               (STEPS[6], out / "stage1" / "final", "stage2", TrainableConfig(token_mining=True, llm=True),
                budget.stage2_steps, 1e-3, 1.0))
     for name, start_from, folder, trainable, steps, lr, lm_weight in stages:
-        cfg = TrainConfig(model=str(start_from), output_dir=str(out / folder), data=vlm_data, trainable=trainable,
+        stage_data = vlm_data if folder == "stage1" else replace(vlm_data, train=str(train_records))
+        cfg = TrainConfig(model=str(start_from), output_dir=str(out / folder), data=stage_data, trainable=trainable,
                           max_steps=steps, batch_size=budget.batch_size, lr=lr, warmup_ratio=0.03,
                           eval_every=max(1, steps // 4), save_every=steps, max_length=512, seed=seed,
                           frame_facts_weight=budget.frame_facts_weight, lm_weight=lm_weight)

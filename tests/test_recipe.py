@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from hilight.engine import BUNDLED_MODEL
 
@@ -33,14 +34,27 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
     assert "single_video" in json.loads(report.read_text())
     with pytest.raises(ValueError, match="other settings"):
         billiards_small(tmp_path / "run", seed=2, budget=budget, workers=1)
-    # the ablations reuse the full run's data and towers and repeat the VLM stages
-    for towers in ("video", "image"):
+    # stage 2 trains on the questions plus three inventory questions per training clip
+    from hilight.data import read_records
+
+    questions, stage2 = (read_records(p) for p in (tmp_path / "run" / "data" / "train.json",
+                                                   tmp_path / "run" / "stage2-train.json"))
+    from hilight.synth.qa import INVENTORY_QUESTIONS
+
+    inventory = [r for r in stage2 if r["meta"]["types"][0] in INVENTORY_QUESTIONS]
+    assert len(stage2) == len(questions) + 3 * 8 and len(inventory) == 3 * 8
+    # the ablations (and a VLM-only rerun) reuse the full run's data and towers and repeat the VLM stages
+    from hilight.checkpoint import load_checkpoint, read_config
+
+    full, _ = load_checkpoint(summary["model"])
+    for towers in ("video", "image", "both"):
         ablation = billiards_small(tmp_path / towers, seed=1, budget=budget, workers=1, towers=towers,
                                    source=tmp_path / "run")
-        assert list(ablation["seconds"]) == ["2 ablated model", *list(summary["seconds"])[4:]]
-        from hilight.checkpoint import read_config
-
+        assert list(ablation["seconds"]) == ["2 model from the source run's towers", *list(summary["seconds"])[4:]]
         assert read_config(ablation["model"]).towers == towers
+        rerun, _ = load_checkpoint(ablation["model"])
+        for name, value in rerun.video_tower.state_dict().items():  # the source's towers, unchanged
+            assert torch.equal(value, full.video_tower.state_dict()[name])
     with pytest.raises(ValueError, match="needs a full recipe run"):
         billiards_small(tmp_path / "x", seed=1, budget=budget, towers="video", source=tmp_path / "video")
 

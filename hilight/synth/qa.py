@@ -167,6 +167,29 @@ def pair_qas(a: ShotTruth, b: ShotTruth, rng: np.random.Generator) -> list[QA]:
     return out
 
 
+INVENTORY_QUESTIONS = {
+    "balls_start": "Which balls are on the table at the start?",
+    "balls_end": "Which balls are on the table at the end?",
+    "balls_gone": "Which balls left the table?",
+}
+
+
+def inventory_qas(start: list[str], end: list[str]) -> list[QA]:
+    """Training-only questions that read single frames: which balls the first and the last
+    frame shown to the model hold, and which left the table in between. They teach a small LLM
+    where in the visual tokens the balls are; the evaluation never asks them."""
+
+    def listing(balls: list[str]) -> str:
+        if not balls:
+            return "No ball."
+        named = ", ".join(balls[:-1]) + " and " + balls[-1] if len(balls) > 1 else balls[0]
+        return f"The {named} ball{'s' if len(balls) > 1 else ''}."
+
+    gone = [b for b in start if b not in end]
+    values = {"balls_start": start, "balls_end": end, "balls_gone": gone}
+    return [QA(t, INVENTORY_QUESTIONS[t], listing(v), ",".join(v) or "none") for t, v in values.items()]
+
+
 def caption(truth: ShotTruth) -> str:
     """One free-text description of the clip (for video-text alignment)."""
     colours = [b.colour for b in truth.balls if b.colour != "cue"]
