@@ -274,13 +274,15 @@ def bundle(run: Path, target: Path, examples: Path, count: int = 4) -> None:
     save_checkpoint(model, target, tokenizer)
     shutil.copy(run / "report" / "report.md", target / "eval-report.md")
     examples.mkdir(parents=True, exist_ok=True)
-    truth = json.loads((run / "data" / "test-truth.json").read_text())
-    records = json.loads((run / "data" / "test.json").read_text())
+    source = json.loads((run / "recipe.json").read_text())["settings"].get("source")
+    data = Path(source) / "data" if source else run / "data"  # a run from a source run uses its data
+    truth = json.loads((data / "test-truth.json").read_text())
+    records = json.loads((data / "test.json").read_text())
     chosen = sorted(truth)[:count]
     questions = [r for r in records if isinstance(r["video"], str) and r["video"] in chosen
                  and len(r["conversations"]) == 2 and r["meta"]["types"][0] in ("first_pocketed", "scratch",
                                                                                   "cue_direction", "balls_left")]
     for name in chosen:
-        shutil.copy(run / "data" / "videos" / name, examples / name)
+        shutil.copy(data / "videos" / name, examples / name)
     (examples / "questions.json").write_text(json.dumps(questions, indent=1) + "\n")
     (examples / "truth.json").write_text(json.dumps({n: truth[n] for n in chosen}, indent=1) + "\n")

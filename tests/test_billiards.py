@@ -227,3 +227,13 @@ def test_tracks_say_where_each_ball_is_drawn():
     gone = {p.ball for p in truth.pocketed}
     assert all((xy[-1, i, 0] < 0) == (n in gone) for i, n in enumerate(tracks["names"]))
     assert 0 < tracks["radius"] < 0.05
+
+
+def test_inventory_questions_list_the_first_and_last_frames_balls():
+    from hilight.synth.qa import inventory_qas
+
+    qas = {qa.qtype: qa for qa in inventory_qas(["cue", "red", "blue"], ["cue", "blue"])}
+    assert qas["balls_start"].answer == "The cue, red and blue balls."
+    assert qas["balls_end"].answer == "The cue and blue balls."
+    assert qas["balls_gone"].answer == "The red ball." and qas["balls_gone"].truth == "red"
+    assert {qa.answer for qa in inventory_qas(["cue"], ["cue"])} == {"The cue ball.", "No ball."}

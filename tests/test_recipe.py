@@ -55,6 +55,15 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
         rerun, _ = load_checkpoint(ablation["model"])
         for name, value in rerun.video_tower.state_dict().items():  # the source's towers, unchanged
             assert torch.equal(value, full.video_tower.state_dict()[name])
+    # bundling a run made from a source run takes the example clips from the source's data
+    from hilight.recipe import bundle
+
+    bundle(tmp_path / "both", tmp_path / "asset", tmp_path / "examples", count=2)
+    assert load_checkpoint(tmp_path / "asset")[0].config.towers == "both"
+    assert (tmp_path / "asset" / "eval-report.md").is_file()
+    assert 1 <= len(list((tmp_path / "examples").glob("*.mp4"))) <= 2  # the toy test split may hold one clip
+    assert set(json.loads((tmp_path / "examples" / "truth.json").read_text())) == \
+        {p.name for p in (tmp_path / "examples").glob("*.mp4")}
     with pytest.raises(ValueError, match="needs a full recipe run"):
         billiards_small(tmp_path / "x", seed=1, budget=budget, towers="video", source=tmp_path / "video")
 
