@@ -167,9 +167,12 @@ def count_gflop(engine: Engine, clip: Path, text: str) -> dict:
 
 
 def decode_bytes_per_token(model: HiLight, context: int) -> int:
-    """Bytes one decode step reads: every LLM weight once (the tied embedding as the LM head)
-    plus the KV cache of ``context`` positions."""
-    weights = sum(p.numel() * p.element_size() for p in model.llm.parameters())
+    """Bytes one decode step reads: every LLM weight once (the tied embedding as the LM head;
+    with int8 the head is its own copy and the embedding only a one-row lookup) plus the KV cache
+    of ``context`` positions."""
+    tied = model.llm.config.tie_word_embeddings
+    tensors = [*model.llm.named_parameters(), *model.llm.named_buffers()]
+    weights = sum(t.numel() * t.element_size() for name, t in tensors if tied or "embed_tokens" not in name)
     llm = model.config.llm
     kv = 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * context * next(model.llm.parameters()).element_size()
     return weights + kv
@@ -182,7 +185,7 @@ def bounds(model: HiLight, figures: dict, counted: dict, bandwidth: float, gflop
             "decode_tokens_per_s": bandwidth * 1e9 / per_token, "decode_bytes_per_token": per_token}
 
 
-def table(ours: dict, base: dict | None, bound: dict) -> str:
+def table(ours: dict, base: dict | None, bound: dict, label: str = "ours bf16") -> str:
     """Rows of figures: ours, the plain baseline, the hardware bound, and the ratios (vs plain:
     how many times better ours is; of bound: the fraction of the hardware limit ours reaches)."""
 
@@ -198,7 +201,7 @@ def table(ours: dict, base: dict | None, bound: dict) -> str:
 
     turn1, turn2 = ours["turn1"], ours["turn2"]
     lines = [
-        f"{'':34}{'ours bf16':>12} {'fp32 plain':>12} {'bound':>12} {'vs plain':>11} {'of bound':>10}",
+        f"{'':34}{label:>12} {'fp32 plain':>12} {'bound':>12} {'vs plain':>11} {'of bound':>10}",
         row("video encode (s)", lambda f: f["encode_s"], bound["encode_s"]),
         row(f"prefill, {turn1['prefill_positions']} positions (s)", lambda f: f["turn1"]["prefill_s"],
             bound["prefill_s"]),
@@ -223,6 +226,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the video encode")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the tensor summed for bandwidth")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: ours with weight-only int8 LLM linear layers (no plain baseline; own results file)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
     args = parser.parse_args()
     if args.threads:
@@ -240,8 +245,13 @@ def main() -> None:
     reset_peak_rss()
     start = time.perf_counter()
     model = random_model(config, torch.bfloat16)
+    if args.quantize == "int8":
+        from hilight.quantize import quantize_llm
+
+        quantize_llm(model)
+        args.skip_baseline = True
     build = {"build_s": time.perf_counter() - start, "build_peak_rss_gb": peak_rss_gb(),
-             "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30}
+             "weights_gb": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30}
     engine = Engine(model, tokenizer)
     ours = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=True)
     ours["peak_rss_gb"] = peak_rss_gb()
@@ -262,13 +272,16 @@ def main() -> None:
           f"fp32 {rates[torch.float32]:.0f} GFLOP/s")
     print(f"built in bf16 in {build['build_s']:.1f} s: weights {build['weights_gb']:.2f} GiB, "
           f"peak RSS while building {build['build_peak_rss_gb']:.2f} GiB")
-    print(f"bound: decode reads {bound['decode_bytes_per_token'] / 2**30:.2f} GiB a token (bf16)"
+    print(f"bound: decode reads {bound['decode_bytes_per_token'] / 2**30:.2f} GiB a token "
+          f"({'int8 weights' if args.quantize == 'int8' else 'bf16'})"
           + (f", {base_bound['decode_bytes_per_token'] / 2**30:.2f} GiB (fp32, plain decode bound "
              f"{base_bound['decode_tokens_per_s']:.2f} tokens/s)" if base_bound else ""))
-    print(table(ours, base, bound))
+    print(table(ours, base, bound, "ours int8" if args.quantize == "int8" else "ours bf16"))
 
     if args.preset == FULL_PRESET:
-        results = {"preset": args.preset, "frames": frames, "question_tokens": args.question_tokens,
+        if args.quantize == "int8" and args.out == Path("benchmarks/results/e2e.json"):
+            args.out = Path("benchmarks/results/e2e-int8.json")
+        results = {"preset": args.preset, "quantize": args.quantize, "frames": frames, "question_tokens": args.question_tokens,
                    "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "read_bandwidth_gbs": bandwidth,
                    "matmul_gflops": {"bf16": rates[torch.bfloat16], "fp32": rates[torch.float32]},

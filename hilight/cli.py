@@ -328,12 +328,15 @@ def _settings(args: argparse.Namespace):
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="weights and compute (auto: bf16 where the hardware has it, else fp32)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 LLM linear layers (CPU; faster decoding, see README Performance)")
 
 
 def _engine(args: argparse.Namespace):
     from hilight.engine import Engine, resolve_dtype
 
-    return Engine.from_checkpoint(_model_path(args.model), dtype=resolve_dtype(args.dtype))
+    return Engine.from_checkpoint(_model_path(args.model), dtype=resolve_dtype(args.dtype),
+                                  quantize=getattr(args, "quantize", "none"))
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -449,7 +452,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
     default = Path(args.model) if args.model else (None if args.models_dir else _model_path(None))
     from hilight.engine import resolve_dtype
 
-    models = Models(default, args.models_dir, resolve_dtype(args.dtype))
+    models = Models(default, args.models_dir, resolve_dtype(args.dtype), args.quantize)
     auth = None
     if args.auth:
         user, sep, password = args.auth.partition(":")

@@ -143,10 +143,20 @@ class Engine:
         self._digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> content hash
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Engine:
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
+                        quantize: str = "none") -> Engine:
+        """``quantize="int8"``: weight-only int8 for the LLM's linear layers (CPU; see hilight.quantize)."""
         from hilight.checkpoint import load_checkpoint
 
         model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
+        if quantize == "int8":
+            from hilight.quantize import quantize_llm
+
+            if device != "cpu":
+                raise ValueError("--quantize int8 runs on CPU only (torch's int8-weight kernel)")
+            quantize_llm(model)
+        elif quantize != "none":
+            raise ValueError(f"unknown quantization {quantize!r} (none, int8)")
         return cls(model, tokenizer)
 
     @property

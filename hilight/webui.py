@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 class Models:
     """Checkpoints found in a directory (and/or one given path), loaded on first use."""
 
-    def __init__(self, default: Path | None, models_dir: Path | None, dtype=None):
+    def __init__(self, default: Path | None, models_dir: Path | None, dtype=None, quantize: str = "none"):
         self.dtype = dtype
+        self.quantize = quantize
         self.paths: dict[str, Path] = {}
         if models_dir is not None:
             for config in sorted(models_dir.glob("*/config.json")):
@@ -42,7 +43,7 @@ class Models:
     def get(self, name: str) -> Engine:
         with self.lock:
             if name not in self.loaded:
-                self.loaded[name] = Engine.from_checkpoint(self.paths[name], dtype=self.dtype)
+                self.loaded[name] = Engine.from_checkpoint(self.paths[name], dtype=self.dtype, quantize=self.quantize)
             return self.loaded[name]
 
 

@@ -36,3 +36,29 @@ def test_bf16_engine_answers(tmp_path, tokenizer):
     clip = write_video(tmp_path / "c.mp4", moving_balls_clip(12, 64))
     answer = "".join(stream_reply(engine, Conversation(), "What happens?", [clip], GenerationSettings(8)))
     assert isinstance(answer, str) and engine.video_embeddings(clip).dtype == torch.bfloat16
+
+
+def test_int8_llm_stays_close_and_answers(tmp_path, tokenizer):
+    from hilight.quantize import Int8Linear, quantize_llm
+
+    path = talkative_checkpoint(tmp_path / "m", tokenizer)
+    plain = Engine.from_checkpoint(path, dtype=torch.bfloat16)
+    quantized = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize="int8")
+    linears = [m for m in quantized.model.llm.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 7 * quantized.model.config.llm.num_layers + 1  # q k v o gate up down, + LM head
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.model.llm.modules())
+    ids = torch.randint(3, len(tokenizer), (2, 9))
+    with torch.no_grad():
+        ref, low = (e.model.llm(input_ids=ids).logits.float() for e in (plain, quantized))
+    assert (F.cosine_similarity(ref, low, dim=-1) > 0.99).all()
+    assert quantize_llm(HiLight(quantized.model.config), include_lm_head=False) == 7 * quantized.model.config.llm.num_layers
+    from hilight.demo import moving_balls_clip
+    from hilight.video import write_video
+
+    clip = write_video(tmp_path / "c.mp4", moving_balls_clip(12, 64))
+    answer = "".join(stream_reply(quantized, Conversation(), "What happens?", [clip], GenerationSettings(8)))
+    assert isinstance(answer, str)
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown quantization"):
+        Engine.from_checkpoint(path, quantize="int4")

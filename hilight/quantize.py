@@ -1,0 +1,64 @@
+"""Weight-only int8 for the LLM's linear layers (inference only).
+
+Decoding one token reads every LLM weight once, so its speed is bounded by memory bandwidth;
+int8 weights halve the bytes of bf16. Each output channel of a weight gets one scale
+(symmetric, max-abs / 127); activations stay in the model's dtype, and the product runs in
+torch's own int8-weight kernel (``torch._weight_int8pack_mm``). The towers and TokenMining are
+not touched: they are compute-bound, and small.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZE = ("none", "int8")
+
+
+class Int8Linear(nn.Module):
+    """A frozen ``nn.Linear`` with int8 weights [N, K] and per-output-channel scales [N]."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(linear.weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (for code that inspects ``.weight``: dtype, device)."""
+        return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if flat.stride(-1) != 1 or flat.stride(0) != shape[-1]:
+            flat = flat.contiguous()
+        out = torch._weight_int8pack_mm(flat.to(self.scales.dtype), self.weight_int8, self.scales)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+def quantize_llm(model, include_lm_head: bool = True) -> int:
+    """Replace the LLM's linear layers (and its LM head) by :class:`Int8Linear`, in place;
+    returns how many were replaced. The input embedding keeps its dtype (it is a lookup)."""
+    llm = model.llm
+    targets = [(name, module) for name, module in llm.named_modules() if isinstance(module, nn.Linear)
+               and (include_lm_head or name != "lm_head")]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = llm.get_submodule(parent_name) if parent_name else llm
+        replacement = Int8Linear(module)
+        # the pre-hook that gives the LM head standard strides stays with it
+        replacement._forward_pre_hooks.update(module._forward_pre_hooks)
+        setattr(parent, child, replacement)
+    if include_lm_head and getattr(llm.config, "tie_word_embeddings", False):
+        llm.config.tie_word_embeddings = False  # the head is its own int8 copy now
+    return len(targets)
