@@ -76,3 +76,27 @@ def test_bundled_model_answers_an_example(capsys):
     out = capsys.readouterr().out
     right, total = (int(x) for x in out.strip().splitlines()[-1].split()[::2][:2])
     assert right >= 1 and total >= 4
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model in this build")
+def test_bundled_model_keeps_its_answers_in_bf16_and_int8():
+    """The faster number formats answer the example questions as fp32 does (the full-test-split
+    figures are benchmarks/precision_accuracy.py's)."""
+    from pathlib import Path
+
+    from hilight.engine import Engine, GenerationSettings
+    from hilight.eval import load_items, run
+    from hilight.scoring import extract
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    extracted = {}
+    for label, dtype, quantize in (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"),
+                                   ("int8", torch.bfloat16, "int8")):
+        items, problems = load_items(examples / "questions.json", examples)
+        assert not problems and not run(Engine.from_checkpoint(BUNDLED_MODEL, dtype=dtype, quantize=quantize),
+                                        items, GenerationSettings(max_new_tokens=24), batch_size=8, blind=False)
+        extracted[label] = [extract(it.kind, it.answer) for it in items]
+        assert sum(a is not None for a in extracted[label]) == len(items)  # every answer parses
+    for label in ("bf16", "int8"):
+        same = sum(a == b for a, b in zip(extracted[label], extracted["fp32"], strict=True))
+        assert same >= len(extracted["fp32"]) - 2, (label, extracted[label], extracted["fp32"])
