@@ -237,7 +237,6 @@ def test_clip_wide_token_mining_mixes_all_frames():
 def test_released_layout_has_no_new_token_mining_parameters():
     from hilight.config import TokenMiningConfig
     from hilight.model.token_mining import TokenMining
-
     from tests.synthetic import token_mining_state
 
     cfg = TokenMiningConfig(video_dim=8, image_dim=6, llm_dim=10, queries_per_frame=3)
