@@ -474,7 +474,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     given = {name: getattr(args, name) for name in ("clips", "align_steps", "image_align_steps", "stage1_steps",
                                                     "stage2_steps") if getattr(args, name) is not None}
-    budget = RecipeBudget(**given)
+    budget = RecipeBudget(**given, pack_questions=args.pack_questions)
     summary = billiards_small(args.out, seed=args.seed, budget=budget, workers=args.workers, towers=args.towers,
                               source=args.source)
     print(json.dumps(summary, indent=1))
@@ -677,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     for name in ("clips", "align-steps", "image-align-steps", "stage1-steps", "stage2-steps"):
         p.add_argument(f"--{name}", type=int, help="budget (default: hilight/recipe.py RecipeBudget)")
+    p.add_argument("--pack-questions", action="store_true",
+                   help="stage 2 reads each clip's questions as one multi-turn conversation")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--towers", choices=["both", "video", "image"], default="both",
                    help="ablation: keep only the video tower or only the image tower (needs --source)")

@@ -59,6 +59,7 @@ class RecipeBudget:
     vocab_size: int = 1000
     frame_facts_weight: float = 1.0
     align_precision: str = "bf16"  # autocast: 1.4x faster alignment steps on AVX512-BF16 CPUs
+    pack_questions: bool = False  # stage 2: a clip's single-video questions as one multi-turn conversation
 
 
 class RecipeError(ValueError):
@@ -217,6 +218,36 @@ def _inventory_records(data: Path, video_cfg) -> list[dict]:
     return records
 
 
+def _packed_records(records: list[dict], seed: int) -> list[dict]:
+    """Every clip's single-turn, single-video questions as one conversation in a shuffled order
+    (the video once, in the first question): the LLM reads the clip's visual tokens once for all
+    of them, so a step carries several times the answers for the same compute. Records with
+    several videos or turns are kept as they are."""
+    import random
+
+    rng = random.Random(seed)
+    by_clip: dict[str, list[dict]] = {}
+    kept = []
+    for rec in records:
+        if isinstance(rec["video"], str) and len(rec["conversations"]) == 2:
+            by_clip.setdefault(rec["video"], []).append(rec)
+        else:
+            kept.append(rec)
+    for video, group in by_clip.items():
+        rng.shuffle(group)
+        turns, types, truth = [], [], []
+        for n, rec in enumerate(group):
+            question, answer = (m["value"] for m in rec["conversations"])
+            if n:  # the video is shown once, in the first turn
+                question = question.replace("<video>", "").strip()
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+            types += rec["meta"]["types"]
+            truth += rec["meta"]["truth"]
+        kept.append({"id": f"{Path(video).stem}-packed", "video": video, "conversations": turns,
+                     "meta": {"types": types, "truth": truth}})
+    return kept
+
+
 def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget: RecipeBudget,
          progress: Progress) -> Path:
     """Steps 5-7: tower features, stage 1, stage 2; returns the final model's directory."""
@@ -238,6 +269,8 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget
     # stage 2 trains on the questions plus the inventory questions of every training clip
     train_records = out / "stage2-train.json"
     records = read_records(data / "train.json") + _inventory_records(data, read_config(aligned).video)
+    if budget.pack_questions:
+        records = _packed_records(records, seed)
     train_records.write_text(json.dumps(records) + "\n")
     vlm_data = DataConfig(train=str(data / "train.json"), val=str(data / "val.json"), videos=str(data / "videos"),
                           cache=str(features),

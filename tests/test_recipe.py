@@ -100,3 +100,29 @@ def test_bundled_model_keeps_its_answers_in_bf16_and_int8():
     for label in ("bf16", "int8"):
         same = sum(a == b for a, b in zip(extracted[label], extracted["fp32"], strict=True))
         assert same >= len(extracted["fp32"]) - 2, (label, extracted[label], extracted["fp32"])
+
+
+def test_packed_records_show_each_clip_once_with_all_its_questions():
+    from hilight.recipe import _packed_records
+    from hilight.text import VIDEO_TOKEN, from_llava
+
+    def qa(video, n, question):
+        return {"id": f"{video}-{n}", "video": video, "meta": {"types": [f"t{n}"], "truth": [f"v{n}"]},
+                "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": f"answer {n}"}]}
+
+    pair = {"id": "p", "video": ["a.mp4", "b.mp4"], "meta": {"types": ["x"], "truth": ["first"]},
+            "conversations": [{"from": "human", "value": "<video>\n<video>\nWhich?"}, {"from": "gpt", "value": "first"}]}
+    records = [qa("a.mp4", n, f"<video>\nquestion {n}?") for n in range(4)] + [pair] + [qa("b.mp4", 9, "q <video>")]
+    packed = _packed_records(records, seed=0)
+    assert pair in packed and len(packed) == 3
+    a = next(r for r in packed if r["video"] == "a.mp4")
+    messages = from_llava(a["conversations"])
+    assert sum(m.content.count(VIDEO_TOKEN) for m in messages) == 1 and VIDEO_TOKEN in messages[0].content
+    assert sorted(m.content for m in messages[1::2]) == [f"answer {n}" for n in range(4)]
+    for question, answer, qtype, truth in zip(messages[::2], messages[1::2], a["meta"]["types"], a["meta"]["truth"],
+                                              strict=True):  # answers and meta stay with their questions
+        n = answer.content.split()[-1]
+        assert f"question {n}?" in question.content and (qtype, truth) == (f"t{n}", f"v{n}")
+    orders = {tuple(r["meta"]["truth"]) for seed in range(5) for r in _packed_records(records, seed)
+              if r["video"] == "a.mp4"}
+    assert len(orders) > 1  # the order is shuffled, by the seed
