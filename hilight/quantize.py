@@ -3,8 +3,11 @@
 Decoding one token reads every LLM weight once, so its speed is bounded by memory bandwidth;
 int8 weights halve the bytes of bf16. Each output channel of a weight gets one scale
 (symmetric, max-abs / 127); activations stay in the model's dtype, and the product runs in
-torch's own int8-weight kernel (``torch._weight_int8pack_mm``). The towers and TokenMining are
-not touched: they are compute-bound, and small.
+torch's own int8-weight kernel (``torch._weight_int8pack_mm``). That kernel is made for few rows
+(decoding); a prefill of hundreds of positions is compute-bound, so there the int8 weight is
+widened to the activation dtype once per call, multiplied by the fast dense kernel, and the
+scales are applied to the (smaller) output. The towers
+and TokenMining are not touched: they are compute-bound, and small.
 """
 
 from __future__ import annotations
@@ -18,12 +21,21 @@ QUANTIZE = ("none", "int8")
 class Int8Linear(nn.Module):
     """A frozen ``nn.Linear`` with int8 weights [N, K] and per-output-channel scales [N]."""
 
-    def __init__(self, linear: nn.Linear):
+    # from this many input rows on, widening the weight and the dense kernel win (measured on one
+    # 16,384 x 2,048 weight: 128 rows 57 vs 59 ms, 431 rows 175 vs 101 ms)
+    DENSE_ROWS = 128
+
+    def __init__(self, linear: nn.Linear, chunk_rows: int = 4096):
         super().__init__()
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        weight = linear.weight.detach()
+        scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127.0  # [N]
+        quantized = torch.empty(weight.shape, dtype=torch.int8)
+        # a few thousand rows at a time: an fp32 copy of a whole 256k-word LM head would be 2 GB
+        for start in range(0, weight.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            quantized[rows] = torch.round(weight[rows].float() / scales[rows, None]).clamp(-127, 127).to(torch.int8)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight_int8", quantized)
         self.register_buffer("scales", scales.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
@@ -37,7 +49,11 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if flat.stride(-1) != 1 or flat.stride(0) != shape[-1]:
             flat = flat.contiguous()
-        out = torch._weight_int8pack_mm(flat.to(self.scales.dtype), self.weight_int8, self.scales)
+        if flat.shape[0] >= self.DENSE_ROWS:  # [M, K] x [K, N] with a large M: compute-bound
+            out = torch.nn.functional.linear(flat.to(self.scales.dtype), self.weight_int8.to(self.scales.dtype))
+            out = out * self.scales  # [M, N]: per-output-channel scales, after the product
+        else:
+            out = torch._weight_int8pack_mm(flat.to(self.scales.dtype), self.weight_int8, self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)

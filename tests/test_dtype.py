@@ -62,3 +62,19 @@ def test_int8_llm_stays_close_and_answers(tmp_path, tokenizer):
 
     with pytest.raises(ValueError, match="unknown quantization"):
         Engine.from_checkpoint(path, quantize="int4")
+
+
+def test_int8_linear_paths_agree_and_quantize_in_chunks():
+    from hilight.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 300).to(torch.bfloat16)
+    whole, chunked = Int8Linear(linear, chunk_rows=10**6), Int8Linear(linear, chunk_rows=7)
+    assert torch.equal(whole.weight_int8, chunked.weight_int8) and torch.equal(whole.scales, chunked.scales)
+    rows = torch.randn(Int8Linear.DENSE_ROWS, 64).to(torch.bfloat16)
+    dense = chunked(rows)  # enough rows: widened weight and the dense kernel
+    kernel = torch.cat([chunked(rows[i:i + 1]) for i in range(len(rows))])  # one row: the int8 kernel
+    exact = rows.float() @ (chunked.weight_int8.float() * chunked.scales.float()[:, None]).T + linear.bias.float()
+    for out in (dense, kernel):
+        assert F.cosine_similarity(out.float(), exact, dim=-1).min() > 0.999
+    assert F.cosine_similarity(chunked(rows).float(), linear(rows).float(), dim=-1).min() > 0.99
