@@ -76,6 +76,9 @@ class Progress:
         self.ran = False  # once a step runs, every later step runs again too
         if self.file.is_file():
             previous = json.loads(self.file.read_text())
+            if isinstance(previous.get("settings", {}).get("budget"), dict):
+                # a budget field added since that run was made had its default value then
+                previous["settings"]["budget"] = {**asdict(RecipeBudget()), **previous["settings"]["budget"]}
             if previous.get("settings") != settings:
                 raise RecipeError(f"{out}: holds a recipe run with other settings; choose another --out")
             self.seconds = previous.get("seconds", {})

@@ -126,3 +126,16 @@ def test_packed_records_show_each_clip_once_with_all_its_questions():
     orders = {tuple(r["meta"]["truth"]) for seed in range(5) for r in _packed_records(records, seed)
               if r["video"] == "a.mp4"}
     assert len(orders) > 1  # the order is shuffled, by the seed
+
+
+def test_a_run_made_before_a_budget_field_existed_goes_on(tmp_path):
+    from dataclasses import asdict
+
+    from hilight.recipe import Progress, RecipeBudget, RecipeError
+
+    settings = {"recipe": "billiards-small", "seed": 0, "budget": asdict(RecipeBudget()), "towers": "both"}
+    older = {**settings, "budget": {k: v for k, v in settings["budget"].items() if k != "pack_questions"}}
+    (tmp_path / "recipe.json").write_text(json.dumps({"settings": older, "seconds": {"1 data": 3.0}}))
+    assert Progress(tmp_path, settings).seconds == {"1 data": 3.0}
+    with pytest.raises(RecipeError, match="other settings"):
+        Progress(tmp_path, {**settings, "budget": {**settings["budget"], "pack_questions": True}})
