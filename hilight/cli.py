@@ -678,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("clips", "align-steps", "image-align-steps", "stage1-steps", "stage2-steps"):
         p.add_argument(f"--{name}", type=int, help="budget (default: hilight/recipe.py RecipeBudget)")
     p.add_argument("--pack-questions", action="store_true",
-                   help="stage 2 reads each clip's questions as one multi-turn conversation")
+                   help="stage 2 reads each clip's questions as one multi-turn conversation "
+                        "(measured worse at the same token budget; see README)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--towers", choices=["both", "video", "image"], default="both",
                    help="ablation: keep only the video tower or only the image tower (needs --source)")
