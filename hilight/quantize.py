@@ -6,8 +6,8 @@ int8 weights halve the bytes of bf16. Each output channel of a weight gets one s
 torch's own int8-weight kernel (``torch._weight_int8pack_mm``). That kernel is made for few rows
 (decoding); a prefill of hundreds of positions is compute-bound, so there the int8 weight is
 widened to the activation dtype once per call, multiplied by the fast dense kernel, and the
-scales are applied to the (smaller) output. The towers
-and TokenMining are not touched: they are compute-bound, and small.
+scales are applied to the (smaller) output. The towers and TokenMining are not touched: they
+are compute-bound, and small.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if flat.stride(-1) != 1 or flat.stride(0) != shape[-1]:
             flat = flat.contiguous()
+        flat = flat.to(self.scales.dtype)
         if flat.shape[0] >= self.DENSE_ROWS:  # [M, K] x [K, N] with a large M: compute-bound
-            out = torch.nn.functional.linear(flat.to(self.scales.dtype), self.weight_int8.to(self.scales.dtype))
+            out = torch.nn.functional.linear(flat, self.weight_int8.to(flat.dtype))
             out = out * self.scales  # [M, N]: per-output-channel scales, after the product
         else:
-            out = torch._weight_int8pack_mm(flat.to(self.scales.dtype), self.weight_int8, self.scales)
+            out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
