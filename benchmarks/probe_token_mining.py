@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a recipe run with aligned towers and features")
     parser.add_argument("--queries", type=int, default=8, help="queries per frame")
     parser.add_argument("--frame-local", action="store_true", help="frame_local + slot_queries (else the original)")
+    parser.add_argument("--per-slot", action="store_true",
+                        help="one query slot per ball (Q = number of balls), each read by its own head")
     parser.add_argument("--steps", type=int, default=800)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -55,7 +57,7 @@ def main() -> None:
     cfg = dataclasses.replace(model.config.token_mining, queries_per_frame=args.queries,
                               frame_local=args.frame_local, slot_queries=args.frame_local)
     mining = TokenMining(cfg)
-    head = MinedFacts(names, args.queries, cfg.llm_dim)
+    head = MinedFacts(names, args.queries, cfg.llm_dim, per_slot=args.per_slot)
     global_tokens = 1 + model.config.video_tower.add_cls_num
     optimizer = torch.optim.AdamW([*mining.parameters(), *head.parameters()], lr=2e-3)
     for step in range(1, args.steps + 1):
@@ -68,13 +70,14 @@ def main() -> None:
             with torch.no_grad():
                 outs = [mining(val[0][i:i + 64], val[1][i:i + 64], global_tokens) for i in range(0, len(val[0]), 64)]
                 embeds = torch.cat(outs)
-                frames = embeds.reshape(len(embeds), -1, args.queries * cfg.llm_dim)
-                logits = head.head(frames).view(len(embeds), frames.shape[1], 3, len(names))
-                presence = ((logits[:, :, 0] > 0).float() == val[2]).float().mean().item()
+                logits = head.predict(embeds)
+                right = (logits[:, :, 0] > 0).float() == val[2]  # [V, T, C]
+                presence = right.float().mean().item()
+                last = right[:, -1].all(dim=-1).float().mean().item()
                 shown = val[2] > 0
                 error = (logits[:, :, 1:].permute(0, 1, 3, 2)[shown] - val[3][shown]).abs().mean().item()
             print(f"step {step}: train loss {loss.item():.3f}, validation presence {presence:.1%}, "
-                  f"position error {error:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+                  f"last frame all right {last:.1%}, position error {error:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -474,9 +474,10 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     given = {name: getattr(args, name) for name in ("clips", "align_steps", "image_align_steps", "stage1_steps",
                                                     "stage2_steps") if getattr(args, name) is not None}
-    budget = RecipeBudget(**given, pack_questions=args.pack_questions)
+    budget = RecipeBudget(**given, pack_questions=args.pack_questions, facts_per_slot=args.facts_per_slot,
+                          vlm_precision=args.vlm_precision)
     summary = billiards_small(args.out, seed=args.seed, budget=budget, workers=args.workers, towers=args.towers,
-                              source=args.source)
+                              source=args.source, overrides=args.set)
     print(json.dumps(summary, indent=1))
     if args.bundle:
         from hilight.engine import BUNDLED_MODEL
@@ -680,6 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-questions", action="store_true",
                    help="stage 2 reads each clip's questions as one multi-turn conversation "
                         "(measured worse at the same token budget; see README)")
+    p.add_argument("--facts-per-slot", action="store_true",
+                   help="TokenMining slot q of every frame is trained to stand for ball q "
+                        "(with --set token_mining.queries_per_frame=<number of balls>)")
+    p.add_argument("--vlm-precision", choices=["fp32", "bf16"], default="fp32", help="VLM stages' autocast")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the billiards-small model preset (repeatable)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--towers", choices=["both", "video", "image"], default="both",
                    help="ablation: keep only the video tower or only the image tower (needs --source)")

@@ -87,6 +87,10 @@ class TokenMiningConfig:
     # different things even when the frame embeddings differ little.
     frame_local: bool = False
     slot_queries: bool = False
+    # 0 in the original. N > 0: a learned embedding per output token (frame t < N, slot q) is
+    # added to TokenMining's output, so the LLM can address "slot q of the first frame" by content
+    # as well as through its relative positions. N must equal video.num_frames.
+    token_positions: int = 0
 
 
 @dataclass
@@ -206,6 +210,9 @@ class HiLightConfig:
                 raise ConfigError(f"{name_a}={a} must equal {name_b}={b}")
         if self.video.num_frames < 1:
             raise ConfigError(f"video.num_frames must be >= 1, got {self.video.num_frames}")
+        if tm.token_positions and tm.token_positions != self.video.num_frames:
+            raise ConfigError(f"token_mining.token_positions={tm.token_positions} must be 0 or equal "
+                              f"video.num_frames={self.video.num_frames}")
 
     @property
     def tokens_per_video(self) -> int:
@@ -305,6 +312,9 @@ class TrainConfig(LoopConfig):
     # TokenMining outputs by a small training-only head; lm_weight 0 skips the LLM entirely
     # (TokenMining trained on the facts alone, e.g. while the LLM is still random).
     frame_facts_weight: float = 0.0
+    # one TokenMining slot per object (queries_per_frame == number of objects): slot q of every
+    # frame alone is read for object q's presence and position
+    frame_facts_per_slot: bool = False
     lm_weight: float = 1.0
 
     def __post_init__(self) -> None:

@@ -207,8 +207,10 @@ def collate_samples(batch: list[tuple[Encoded, list]], pad_id: int) -> dict:
     videos = [v for _, vs in batch for v in vs]
     out = {"input_ids": text.input_ids, "attention_mask": text.attention_mask, "labels": text.labels}
     if videos and isinstance(videos[0], TowerOutputs):
-        out["towers"] = TowerOutputs(video=torch.stack([v.video for v in videos]),
-                                     image=torch.stack([v.image for v in videos]))
+        # cached outputs are fp16; fp32 here, as the towers would give them (and CPU autocast
+        # refuses to stack fp16 under bf16)
+        out["towers"] = TowerOutputs(video=torch.stack([v.video.float() for v in videos]),
+                                     image=torch.stack([v.image.float() for v in videos]))
     elif videos:
         out["pixel_values"] = torch.stack(videos)
     return out

@@ -60,6 +60,8 @@ class RecipeBudget:
     frame_facts_weight: float = 1.0
     align_precision: str = "bf16"  # autocast: 1.4x faster alignment steps on AVX512-BF16 CPUs
     pack_questions: bool = False  # stage 2: a clip's single-video questions as one multi-turn conversation
+    facts_per_slot: bool = False  # VLM stages: TokenMining slot q of every frame stands for ball q
+    vlm_precision: str = "fp32"  # VLM stages: "bf16" autocasts on AVX512-BF16 CPUs
 
 
 class RecipeError(ValueError):
@@ -104,15 +106,19 @@ class Progress:
 
 
 def billiards_small(out: Path, seed: int = 0, budget: RecipeBudget | None = None, workers: int = 2,
-                    towers: str = "both", source: Path | None = None) -> dict:
+                    towers: str = "both", source: Path | None = None, overrides: list[str] | None = None) -> dict:
     """Run the whole recipe under ``out``; returns the per-step times and the evaluation.
 
     With ``source`` (a finished run with aligned towers), steps 1-4 are that run's and only
     steps 5-8 run here; ``towers="video"`` (no image tower) or ``"image"`` (no video tower), the
-    ablations, need one."""
+    ablations, need one. ``overrides`` (``key=value``) change the ``billiards-small`` preset of
+    the model built (e.g. ``token_mining.queries_per_frame=10``)."""
     budget = budget or RecipeBudget()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"recipe": "billiards-small", "seed": seed, "budget": asdict(budget), "towers": towers}
+    overrides = list(overrides or [])
+    if overrides:  # only then, so that runs made before overrides existed can be resumed
+        settings["overrides"] = overrides
     if source is not None or towers != "both":
         if source is None or not (source / "align-image" / "final" / "config.json").is_file():
             raise RecipeError(f"{source}: an ablation needs a full recipe run with aligned towers (--source)")
@@ -120,11 +126,11 @@ def billiards_small(out: Path, seed: int = 0, budget: RecipeBudget | None = None
     progress = Progress(out, settings)
     if source is None:
         data, aligned, features = out / "data", out / "align-image" / "final", out / "features"
-        _prepare(out, data, seed, budget, workers, progress)
+        _prepare(out, data, seed, budget, workers, progress, overrides)
     else:  # the source's feature cache: keys name the towers and settings, so entries never mix
         data, aligned, features = source / "data", out / "model", source / "features"
         progress.step(SOURCE_STEPS[0], aligned,
-                      lambda: _from_source(source / "align-image" / "final", aligned, towers, seed))
+                      lambda: _from_source(source / "align-image" / "final", aligned, towers, seed, overrides))
     model = _vlm(out, data, aligned, features, seed, budget, progress)
     result = {}
     progress.step(STEPS[7], out / "report" / "report.json", lambda: result.update(_evaluate(model, data, out)))
@@ -134,7 +140,8 @@ def billiards_small(out: Path, seed: int = 0, budget: RecipeBudget | None = None
     return progress.save(model=str(model), accuracy=accuracy)
 
 
-def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: int, progress: Progress) -> None:
+def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: int, progress: Progress,
+             overrides: list[str]) -> None:
     """Steps 1-4: data, tokenizer and model, both towers aligned."""
     import torch
 
@@ -157,7 +164,7 @@ def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: in
         for rec in read_records(data / "train.json"):
             texts += [m.content.replace("<video>", " ") for m in from_llava(rec["conversations"])]
         tokenizer = train_tokenizer(texts, budget.vocab_size)
-        config = apply_overrides(preset("billiards-small"), [f"llm.vocab_size={len(tokenizer)}"])
+        config = apply_overrides(preset("billiards-small"), [f"llm.vocab_size={len(tokenizer)}", *overrides])
         torch.manual_seed(seed)
         save_checkpoint(HiLight(config), out / "base", tokenizer)
 
@@ -177,7 +184,7 @@ def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: in
         progress.step(name, out / f"align-{tower}" / "final" / "config.json", lambda cfg=cfg: align(cfg))
 
 
-def _from_source(aligned: Path, target: Path, towers: str, seed: int) -> None:
+def _from_source(aligned: Path, target: Path, towers: str, seed: int, overrides: list[str]) -> None:
     """A fresh ``billiards-small`` model (TokenMining and LLM from the current preset, seeded)
     with the source run's aligned towers and tokenizer; ``towers`` as HiLightConfig.towers."""
     import torch
@@ -187,7 +194,7 @@ def _from_source(aligned: Path, target: Path, towers: str, seed: int) -> None:
 
     model, tokenizer = load_checkpoint(aligned)
     config = apply_overrides(preset("billiards-small"), [f"llm.vocab_size={model.config.llm.vocab_size}",
-                                                         f"towers={towers}"])
+                                                         f"towers={towers}", *overrides])
     for part in ("video_tower", "image_tower", "video"):
         if getattr(config, part) != getattr(model.config, part):
             raise RecipeError(f"{aligned}: its {part} settings differ from the billiards-small preset's; "
@@ -288,7 +295,8 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget
         cfg = TrainConfig(model=str(start_from), output_dir=str(out / folder), data=stage_data, trainable=trainable,
                           max_steps=steps, batch_size=budget.batch_size, lr=lr, warmup_ratio=0.03,
                           eval_every=max(1, steps // 4), save_every=steps, max_length=512, seed=seed,
-                          frame_facts_weight=budget.frame_facts_weight, lm_weight=lm_weight)
+                          frame_facts_weight=budget.frame_facts_weight, lm_weight=lm_weight,
+                          frame_facts_per_slot=budget.facts_per_slot, precision=budget.vlm_precision)
         progress.step(name, out / folder / "final" / "config.json", lambda cfg=cfg: train(cfg))
     return out / "stage2" / "final"
 

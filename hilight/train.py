@@ -16,6 +16,7 @@ The loop itself (accelerate, checkpoints, resume, metrics) is :func:`hilight.loo
 from __future__ import annotations
 
 import json
+import math
 import logging
 import shutil
 import tempfile
@@ -44,19 +45,37 @@ FACTS_HEAD = "frame_facts_head.safetensors"  # the training-only frame-facts hea
 class MinedFacts(nn.Module):
     """Training-only head: from the Q TokenMining outputs of each frame, which objects the
     frame shows (logits) and where (fractions of the frame). It gives TokenMining a signal that
-    needs the video even while the LLM cannot use one yet; it is never part of the model."""
+    needs the video even while the LLM cannot use one yet; it is never part of the model.
 
-    def __init__(self, names: list[str], queries_per_frame: int, llm_dim: int):
+    ``per_slot`` (one query slot per object, Q == C): slot k alone says whether object k is
+    shown and where, so each of a frame's visual tokens stands for one named ball."""
+
+    def __init__(self, names: list[str], queries_per_frame: int, llm_dim: int, per_slot: bool = False):
         super().__init__()
+        if per_slot and queries_per_frame != len(names):
+            raise ValueError(f"per-slot frame facts need one query per object: {queries_per_frame} queries per "
+                             f"frame, {len(names)} objects ({', '.join(names)})")
         self.names = names
         self.queries_per_frame = queries_per_frame
-        self.head = nn.Linear(queries_per_frame * llm_dim, 3 * len(names))
+        self.per_slot = per_slot
+        if per_slot:
+            self.slot_weight = nn.Parameter(torch.randn(len(names), llm_dim, 3) / math.sqrt(llm_dim))
+            self.slot_bias = nn.Parameter(torch.zeros(len(names), 3))
+        else:
+            self.head = nn.Linear(queries_per_frame * llm_dim, 3 * len(names))
+
+    def predict(self, video_embeds: torch.Tensor) -> torch.Tensor:
+        """``video_embeds`` [V, T*Q, D] -> [V, T, 3, C]: presence logit, x, y of every object."""
+        v, tq, d = video_embeds.shape
+        if self.per_slot:
+            slots = video_embeds.float().view(v, tq // self.queries_per_frame, self.queries_per_frame, d)
+            return (torch.einsum("vtcd,cdk->vtck", slots, self.slot_weight) + self.slot_bias).transpose(2, 3)
+        frames = video_embeds.reshape(v, tq // self.queries_per_frame, self.queries_per_frame * d)
+        return self.head(frames.float()).view(v, -1, 3, len(self.names))
 
     def loss(self, video_embeds: torch.Tensor, present: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
         """``video_embeds`` [V, T*Q, D]; ``present`` [V, T, C] in {0, 1}; ``xy`` [V, T, C, 2]."""
-        v, tq, d = video_embeds.shape
-        frames = video_embeds.reshape(v, tq // self.queries_per_frame, self.queries_per_frame * d)
-        out = self.head(frames.float()).view(v, -1, 3, len(self.names))  # [V, T, 3, C]
+        out = self.predict(video_embeds)  # [V, T, 3, C]
         loss = F.binary_cross_entropy_with_logits(out[:, :, 0], present)
         shown = present > 0
         if shown.any():  # positions only of the objects a frame shows
@@ -74,7 +93,8 @@ class MinedFacts(nn.Module):
         with safe_open(str(path), "pt") as f:
             names = json.loads((f.metadata() or {}).get("names", "[]"))
         state = load_file(path)
-        if names != self.names or any(state[k].shape != v.shape for k, v in self.state_dict().items() if k in state):
+        mine = self.state_dict()
+        if names != self.names or set(state) != set(mine) or any(state[k].shape != v.shape for k, v in mine.items()):
             log.warning("%s: a frame-facts head for other objects or sizes; starting a fresh one", path)
             return False
         self.load_state_dict(state)
@@ -201,7 +221,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if missing:
             raise ValueError(f"{', '.join(cfg.data.facts)}: no ball tracks for {missing[0].name} "
                              f"({len(set(missing))} training video(s) without)")
-        head = MinedFacts(names, model.config.token_mining.queries_per_frame, model.config.llm.hidden_size)
+        head = MinedFacts(names, model.config.token_mining.queries_per_frame, model.config.llm.hidden_size,
+                          per_slot=cfg.frame_facts_per_slot)
         if head.load_if_matching(Path(cfg.model) / FACTS_HEAD):
             log.info("frame-facts head continued from %s", cfg.model)
         trainee = FactsTrainee(model, head, cfg.lm_weight, cfg.frame_facts_weight)

@@ -226,6 +226,26 @@ def test_frame_local_token_mining_reads_only_its_own_frame():
         tm(torch.randn(1, glob + frames * per_frame + 1, 8), embeds, glob)
 
 
+def test_token_positions_mark_every_frame_and_slot():
+    from hilight.config import ConfigError, HiLightConfig, TokenMiningConfig, VideoInputConfig
+    from hilight.model.token_mining import TokenMining
+
+    torch.manual_seed(0)
+    tm = TokenMining(TokenMiningConfig(video_dim=8, image_dim=6, llm_dim=10, queries_per_frame=3, frame_local=True,
+                                       slot_queries=True, token_positions=4))
+    video, embeds = torch.randn(1, 2 + 4 * 5, 8), torch.randn(1, 4, 6)
+    with torch.no_grad():
+        tm.token_positions.zero_()
+        plain = tm(video, embeds, 2)
+        tm.token_positions.copy_(torch.arange(12.0)[:, None].expand(12, 10))
+        marked = tm(video, embeds, 2)
+    torch.testing.assert_close(marked - plain, torch.arange(12.0)[None, :, None].expand(1, 12, 10))
+    with pytest.raises(ValueError, match="3 frames, but token_positions was learned for 4"):
+        tm(torch.randn(1, 2 + 3 * 5, 8), torch.randn(1, 3, 6), 2)
+    with pytest.raises(ConfigError, match="token_positions=4 must be 0 or equal video.num_frames=8"):
+        HiLightConfig(token_mining=TokenMiningConfig(token_positions=4), video=VideoInputConfig(num_frames=8))
+
+
 def test_clip_wide_token_mining_mixes_all_frames():
     tm = _mining(frame_local=False)
     video, embeds = torch.randn(1, 22, 8), torch.randn(1, 4, 6)

@@ -230,6 +230,12 @@ def test_deepspeed_zero2_smoke(workspace):
     assert json.loads((workspace / "ds" / "ranks" / "rank-0.json").read_text())["engine"] == "DEEPSPEED"
 
 
+def test_bf16_autocast_trains_from_the_fp16_feature_cache(workspace):
+    cfg = _config(workspace, "bf16", max_steps=2, precision="bf16", **{"data.val": "''"})
+    result = train(cfg)
+    assert result["steps"] == 2 and result["final_loss"] == result["final_loss"]
+
+
 def test_gradient_checkpointing_and_accumulation(workspace):
     cfg = _config(workspace, "gc", max_steps=2, grad_accum=2, gradient_checkpointing="true",
                   **{"trainable.llm": "true", "data.val": "''"})
@@ -267,6 +273,35 @@ def test_frame_facts_stage_trains_token_mining_alone_then_hands_its_head_on(work
         stage2 = train(_facts_config(workspace, "facts2", Path(stage1["final"]), lm_weight=1.0, llm=True))
     assert "frame-facts head continued" in caplog.text
     assert (Path(stage2["final"]) / FACTS_HEAD).is_file()
+
+
+def test_per_slot_frame_facts_read_each_object_from_its_own_slot():
+    from hilight.train import MinedFacts
+
+    torch.manual_seed(0)
+    head = MinedFacts(["blue", "cue", "red"], 3, 4, per_slot=True)
+    embeds = torch.randn(2, 2 * 3, 4)  # 2 videos, 2 frames of 3 slots
+    base = head.predict(embeds)
+    assert base.shape == (2, 2, 3, 3)
+    changed = embeds.clone()
+    changed[1, 3 + 2] += 1.0  # video 1, frame 1, slot 2 ("red")
+    moved = (head.predict(changed) - base).abs().amax(dim=2)  # [V, T, C]
+    assert moved[1, 1, 2] > 1e-4 and moved.sum() == moved[1, 1, 2]
+    present = torch.tensor([[[1.0, 1.0, 0.0]] * 2] * 2)
+    head.loss(embeds, present, torch.rand(2, 2, 3, 2)).backward()
+    assert head.slot_weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="one query per object: 4 queries per frame, 3 objects"):
+        MinedFacts(["blue", "cue", "red"], 4, 4, per_slot=True)
+
+
+def test_a_frame_facts_head_of_another_kind_is_not_continued(tmp_path, caplog):
+    from hilight.train import MinedFacts
+
+    MinedFacts(["blue", "cue", "red"], 3, 4).save(tmp_path / "head.safetensors")
+    with caplog.at_level("WARNING", logger="hilight.train"):
+        assert not MinedFacts(["blue", "cue", "red"], 3, 4, per_slot=True).load_if_matching(tmp_path / "head.safetensors")
+    assert "starting a fresh one" in caplog.text
+    assert MinedFacts(["blue", "cue", "red"], 3, 4).load_if_matching(tmp_path / "head.safetensors")
 
 
 def test_frame_facts_config_errors(workspace, tmp_path):

@@ -19,7 +19,8 @@ class TokenMining(nn.Module):
 
     The two options of :class:`TokenMiningConfig` (both off for the released weights) add a
     learned ``slot_queries`` [Q, Di] to every frame's queries and restrict each frame's queries
-    to its own patch tokens (``frame_local``)."""
+    to its own patch tokens (``frame_local``); ``token_positions`` adds a learned
+    ``token_positions`` [T*Q, D_llm] to the output, one vector per frame and slot."""
 
     def __init__(self, cfg: TokenMiningConfig):
         super().__init__()
@@ -35,6 +36,8 @@ class TokenMining(nn.Module):
         )
         if cfg.slot_queries:
             self.slot_queries = nn.Parameter(torch.empty(q, di))
+        if cfg.token_positions:
+            self.token_positions = nn.Parameter(torch.empty(cfg.token_positions * q, dl))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -48,6 +51,8 @@ class TokenMining(nn.Module):
                 nn.init.zeros_(module.bias)
         if self.cfg.slot_queries:
             nn.init.normal_(self.slot_queries, std=0.5)
+        if self.cfg.token_positions:
+            nn.init.normal_(self.token_positions, std=0.1)
 
     def queries(self, frame_embeds: torch.Tensor) -> torch.Tensor:
         """[B, T, Di] -> [B, T*Q, Di]: every scalar of every frame embedding expanded Q ways."""
@@ -89,4 +94,10 @@ class TokenMining(nn.Module):
             allowed = self.frame_mask(video_tokens.shape[1], frame_embeds.shape[1], global_tokens).to(scores.device)
             scores = scores.masked_fill(~allowed, float("-inf"))
         mined = torch.softmax(scores, dim=-1) @ v  # [B, T*Q, Di]
-        return self.tokenizer_projector(mined)  # [B, T*Q, D_llm]
+        out = self.tokenizer_projector(mined)  # [B, T*Q, D_llm]
+        if self.cfg.token_positions:
+            if out.shape[1] != self.token_positions.shape[0]:
+                raise ValueError(f"TokenMining: {frame_embeds.shape[1]} frames, but token_positions was "
+                                 f"learned for {self.cfg.token_positions}")
+            out = out + self.token_positions
+        return out
