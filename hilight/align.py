@@ -87,15 +87,19 @@ class FrameFacts(nn.Module):
     lies in each patch (or none); which objects a frame shows is read from it, multiple-instance
     style (an object is present if its best patch says so), and also from the frame's own
     embedding. The patch task dominates on purpose: with a regression of positions from the
-    pooled frame beside it (tried first), a small tower from scratch learned neither."""
+    pooled frame beside it (tried first), a small tower from scratch learned neither. With
+    ``position_weight``, each patch that holds an object's centre also says where in the frame
+    that centre is (finer than the patch grid), so the position survives in the patch tokens
+    TokenMining reads."""
 
     def __init__(self, names: list[str], patch_dim: int, frame_dim: int):
         super().__init__()
         self.names = names
         self.patch = nn.Linear(patch_dim, len(names) + 1)
         self.frame = nn.Linear(frame_dim, len(names))
+        self.position = nn.Linear(patch_dim, 2)
 
-    def loss(self, out: VisualOutputs, facts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, out: VisualOutputs, facts: dict[str, torch.Tensor], position_weight: float = 0.0) -> torch.Tensor:
         logits = self.patch(out.patch_states)  # [B, T, L, C + 1]
         weight = torch.ones(logits.shape[-1], device=logits.device)
         weight[0] = 0.1  # most patches show only cloth
@@ -104,7 +108,12 @@ class FrameFacts(nn.Module):
         best = (logits[..., 1:] - logits[..., :1]).amax(2)  # [B, T, C]: each object's most convinced patch
         from_patches = F.binary_cross_entropy_with_logits(best.float(), present)
         from_frame = F.binary_cross_entropy_with_logits(self.frame(out.frames).float(), present)
-        return patch + from_patches + from_frame
+        loss = patch + from_patches + from_frame
+        holds = facts["patch"] > 0  # [B, T, L]
+        if position_weight and holds.any():
+            where = self.position(out.patch_states[holds]).float()  # [N, 2]
+            loss = loss + position_weight * (where - facts["patch_xy"][holds]).abs().mean()
+        return loss
 
 
 class VideoTextAligner(nn.Module):
@@ -134,7 +143,7 @@ class VideoTextAligner(nn.Module):
             loss = loss + cfg.local_weight * sparc_loss(tokens, out.patches, local, cfg.threshold,
                                                         cfg.local_temperature)
         if cfg.frame_facts_weight and self.facts is not None and facts is not None:
-            loss = loss + cfg.frame_facts_weight * self.facts.loss(out, facts)
+            loss = loss + cfg.frame_facts_weight * self.facts.loss(out, facts, cfg.facts_position_weight)
         return loss
 
     def visual(self, pixels: torch.Tensor) -> VisualOutputs:
@@ -272,14 +281,16 @@ def fact_names(clips: Clips) -> list[str]:
 
 def frame_facts(tracks: dict, names: list[str], video_cfg: VideoInputConfig, grid: int) -> dict[str, torch.Tensor]:
     """Targets of the frame-facts loss for the frames the model is shown: ``present`` [T, C],
-    ``xy`` [T, C, 2] and ``patch`` [T, grid*grid] (0: no object's centre in the patch, else
-    1 + the object's class). Positions are fractions of a square frame."""
+    ``xy`` [T, C, 2], ``patch`` [T, grid*grid] (0: no object's centre in the patch, else
+    1 + the object's class) and ``patch_xy`` [T, grid*grid, 2] (where in the frame that
+    object's centre is; 0 for other patches). Positions are fractions of a square frame."""
     xy_all = torch.tensor(tracks["xy"], dtype=torch.float32).view(len(tracks["xy"]), -1, 2)  # [F, N, 2]
     index = FrameIndex(pts=list(range(len(xy_all))), keyframes=[0], time_base=Fraction(1, int(tracks["fps"])))
     xy_all = xy_all[choose_frames(index, video_cfg)]  # [T, N, 2]
     t, c = len(xy_all), len(names)
     present, xy = torch.zeros(t, c), torch.zeros(t, c, 2)
     patch = torch.zeros(t, grid * grid, dtype=torch.long)
+    patch_xy = torch.zeros(t, grid * grid, 2)
     for n, name in enumerate(tracks["names"]):
         k = names.index(name)
         on = xy_all[:, n, 0] >= 0
@@ -288,7 +299,8 @@ def frame_facts(tracks: dict, names: list[str], video_cfg: VideoInputConfig, gri
         cell = (xy_all[:, n] * grid).long().clamp(0, grid - 1)  # [T, 2] column, row
         frames = on.nonzero().flatten()
         patch[frames, cell[frames, 1] * grid + cell[frames, 0]] = k + 1
-    return {"present": present, "xy": xy, "patch": patch}
+        patch_xy[frames, cell[frames, 1] * grid + cell[frames, 0]] = xy_all[frames, n]
+    return {"present": present, "xy": xy, "patch": patch, "patch_xy": patch_xy}
 
 
 def build_aligner(cfg: AlignConfig, names: list[str] | None = None):

@@ -359,6 +359,7 @@ class AlignLossConfig:
     local_temperature: float = 0.07
     language_mask: bool = True  # local loss only on content tokens (no padding, special tokens, stop words)
     frame_facts_weight: float = 0.0  # per-frame object facts from the data's "tracks" (0: off; see hilight/align.py)
+    facts_position_weight: float = 0.0  # within frame facts: each object's patch also regresses its exact position
     stop_words: list[str] = field(default_factory=lambda: list(STOP_WORDS))
 
 

@@ -58,10 +58,15 @@ class RecipeBudget:
     batch_size: int = 16
     vocab_size: int = 1000
     frame_facts_weight: float = 1.0
+    tower_position_weight: float = 1.0  # alignment: object patches also regress the exact position
     align_precision: str = "bf16"  # autocast: 1.4x faster alignment steps on AVX512-BF16 CPUs
     pack_questions: bool = False  # stage 2: a clip's single-video questions as one multi-turn conversation
     facts_per_slot: bool = False  # VLM stages: TokenMining slot q of every frame stands for ball q
     vlm_precision: str = "fp32"  # VLM stages: "bf16" autocasts on AVX512-BF16 CPUs
+
+
+# what a run made before a budget field existed did, field by field (resuming such a run)
+BEFORE_FIELD = {"pack_questions": False, "facts_per_slot": False, "vlm_precision": "fp32", "tower_position_weight": 0.0}
 
 
 class RecipeError(ValueError):
@@ -79,8 +84,9 @@ class Progress:
         if self.file.is_file():
             previous = json.loads(self.file.read_text())
             if isinstance(previous.get("settings", {}).get("budget"), dict):
-                # a budget field added since that run was made had its default value then
-                previous["settings"]["budget"] = {**asdict(RecipeBudget()), **previous["settings"]["budget"]}
+                # a budget field added since that run was made: what the recipe did before it
+                previous["settings"]["budget"] = {**asdict(RecipeBudget()), **BEFORE_FIELD,
+                                                  **previous["settings"]["budget"]}
             if previous.get("settings") != settings:
                 raise RecipeError(f"{out}: holds a recipe run with other settings; choose another --out")
             self.seconds = previous.get("seconds", {})
@@ -174,7 +180,7 @@ def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: in
                                  num_heads=4, max_positions=96, projection_dim=64)
     align_data = AlignDataConfig(train=str(data / "train-captions.json"), val=str(data / "val-captions.json"),
                                  videos=str(data / "videos"), frames_cache=str(out / "frames"))
-    loss = AlignLossConfig(frame_facts_weight=budget.frame_facts_weight)
+    loss = AlignLossConfig(frame_facts_weight=budget.frame_facts_weight, facts_position_weight=budget.tower_position_weight)
     for name, tower, model, steps in ((STEPS[2], "video", out / "base", budget.align_steps),
                                       (STEPS[3], "image", out / "align-video" / "final", budget.image_align_steps)):
         cfg = AlignConfig(model=str(model), tower=tower, output_dir=str(out / f"align-{tower}"), text_tower=text_tower,

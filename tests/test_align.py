@@ -180,6 +180,9 @@ def test_frame_facts_targets_on_a_hand_built_track():
     expected[1, 1], expected[1, 10] = 2, 3
     expected[2, 2] = 2
     assert torch.equal(facts["patch"], expected)
+    torch.testing.assert_close(facts["patch_xy"][0, 11], torch.tensor([0.90, 0.55]))
+    torch.testing.assert_close(facts["patch_xy"][2, 2], torch.tensor([0.50, 0.21]))
+    assert facts["patch_xy"][expected == 0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("tower", ["video", "image"])
@@ -207,6 +210,11 @@ def test_frame_facts_loss_trains_the_tower(tokenizer, tower):
     (with_facts - plain).backward()  # the facts term alone
     first = visual.conv1.weight if tower == "image" else visual.embeddings.patch_embedding.weight
     assert first.grad.abs().sum() > 0 and aligner.facts.patch.weight.grad.abs().sum() > 0
+    assert aligner.facts.position.weight.grad is None  # no position term unless asked for
+    aligner.zero_grad()
+    positions = AlignLossConfig(frame_facts_weight=1.0, facts_position_weight=1.0)
+    (aligner(pixels, ids, mask, local, positions, facts) - with_facts.detach()).backward()
+    assert aligner.facts.position.weight.grad.abs().sum() > 0 and first.grad.abs().sum() > 0
 
 
 def test_frame_facts_need_tracks(tmp_path, capsys):

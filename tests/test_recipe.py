@@ -133,9 +133,12 @@ def test_a_run_made_before_a_budget_field_existed_goes_on(tmp_path):
 
     from hilight.recipe import Progress, RecipeBudget, RecipeError
 
-    settings = {"recipe": "billiards-small", "seed": 0, "budget": asdict(RecipeBudget()), "towers": "both"}
-    older = {**settings, "budget": {k: v for k, v in settings["budget"].items() if k != "pack_questions"}}
+    # that run aligned its towers without the position loss: the field's value before it existed
+    then = asdict(RecipeBudget(tower_position_weight=0.0))
+    settings = {"recipe": "billiards-small", "seed": 0, "budget": then, "towers": "both"}
+    older = {**settings, "budget": {k: v for k, v in then.items() if k not in ("pack_questions", "tower_position_weight")}}
     (tmp_path / "recipe.json").write_text(json.dumps({"settings": older, "seconds": {"1 data": 3.0}}))
     assert Progress(tmp_path, settings).seconds == {"1 data": 3.0}
-    with pytest.raises(RecipeError, match="other settings"):
-        Progress(tmp_path, {**settings, "budget": {**settings["budget"], "pack_questions": True}})
+    for changed in ({"pack_questions": True}, {"tower_position_weight": 1.0}):
+        with pytest.raises(RecipeError, match="other settings"):
+            Progress(tmp_path, {**settings, "budget": {**then, **changed}})
