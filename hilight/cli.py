@@ -684,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--facts-per-slot", action="store_true",
                    help="TokenMining slot q of every frame is trained to stand for ball q "
                         "(with --set token_mining.queries_per_frame=<number of balls>)")
-    p.add_argument("--vlm-precision", choices=["fp32", "bf16"], default="fp32", help="VLM stages' autocast")
+    p.add_argument("--vlm-precision", choices=["fp32", "bf16"], default="bf16", help="VLM stages' autocast")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change the billiards-small model preset (repeatable)")
     p.add_argument("--workers", type=int, default=2)

@@ -54,7 +54,7 @@ class RecipeBudget:
     align_steps: int = 600
     image_align_steps: int = 300
     stage1_steps: int = 1500
-    stage2_steps: int = 2000
+    stage2_steps: int = 4000
     batch_size: int = 16
     vocab_size: int = 1000
     frame_facts_weight: float = 1.0
@@ -62,7 +62,7 @@ class RecipeBudget:
     align_precision: str = "bf16"  # autocast: 1.4x faster alignment steps on AVX512-BF16 CPUs
     pack_questions: bool = False  # stage 2: a clip's single-video questions as one multi-turn conversation
     facts_per_slot: bool = False  # VLM stages: TokenMining slot q of every frame stands for ball q
-    vlm_precision: str = "fp32"  # VLM stages: "bf16" autocasts on AVX512-BF16 CPUs
+    vlm_precision: str = "bf16"  # VLM stages' autocast: stage 2 1.6x faster than fp32 on AVX512-BF16 CPUs
 
 
 # what a run made before a budget field existed did, field by field (resuming such a run)
