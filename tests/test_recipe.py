@@ -81,7 +81,9 @@ def test_bundled_model_answers_an_example(capsys):
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model in this build")
 def test_bundled_model_keeps_its_answers_in_bf16_and_int8():
     """The faster number formats answer the example questions as fp32 does (the full-test-split
-    figures are benchmarks/precision_accuracy.py's)."""
+    figures are benchmarks/precision_accuracy.py's). Cue-direction answers are left out: the
+    model is at the blind level there (13 %), its top answers are near ties that any rounding
+    flips, and the whole-split accuracy rule covers them."""
     from pathlib import Path
 
     from hilight.engine import Engine, GenerationSettings
@@ -95,11 +97,12 @@ def test_bundled_model_keeps_its_answers_in_bf16_and_int8():
         items, problems = load_items(examples / "questions.json", examples)
         assert not problems and not run(Engine.from_checkpoint(BUNDLED_MODEL, dtype=dtype, quantize=quantize),
                                         items, GenerationSettings(max_new_tokens=24), batch_size=8, blind=False)
-        extracted[label] = [extract(it.kind, it.answer) for it in items]
-        assert sum(a is not None for a in extracted[label]) == len(items)  # every answer parses
+        assert all(extract(it.kind, it.answer) is not None for it in items)  # every answer parses
+        extracted[label] = [extract(it.kind, it.answer) for it in items if it.qtype != "cue_direction"]
+    assert len(extracted["fp32"]) >= 8
     for label in ("bf16", "int8"):
         same = sum(a == b for a, b in zip(extracted[label], extracted["fp32"], strict=True))
-        assert same >= len(extracted["fp32"]) - 2, (label, extracted[label], extracted["fp32"])
+        assert same >= len(extracted["fp32"]) - 1, (label, extracted[label], extracted["fp32"])
 
 
 def test_packed_records_show_each_clip_once_with_all_its_questions():

@@ -1,0 +1,79 @@
+"""How much of the answer do TokenMining's tokens hold? The geometry rules on the model's own
+perception.
+
+``oracle_rules.py`` answers the single-video questions from the *true* ball positions in the
+sampled frames. This script gives the same rules what a trained model perceives instead: every
+frame's presence and position of each ball as its training-only frame-facts head reads them
+from the TokenMining tokens the LLM is given (``frame_facts_head.safetensors`` beside a stage's
+checkpoint). Far above the model's own answers: the tokens hold more than the LLM uses; near
+them: perception is the limit.
+
+    .venv/bin/python benchmarks/perceived_rules.py --run runs/recipe --model runs/recipe/stage2/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from hilight.align import frame_facts
+from hilight.checkpoint import load_checkpoint, read_config
+from hilight.data import FeatureCache, tower_identity
+from hilight.model.hilight import TowerOutputs
+from hilight.train import FACTS_HEAD, MinedFacts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from oracle_rules import rule_answers  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="the recipe run that holds data/ and features/")
+    parser.add_argument("--model", type=Path, required=True, help="a VLM stage's checkpoint with its facts head")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    model, _ = load_checkpoint(args.model, with_tokenizer=False)
+    model.eval()
+    aligned, _ = load_checkpoint(args.run / "align-image" / "final", with_tokenizer=False)
+    cache = FeatureCache(args.run / "features", tower_identity(aligned))
+    data = args.run / "data"
+    names = sorted({n for c in json.loads((data / "train-captions.json").read_text()) for n in c["tracks"]["names"]})
+    tm = read_config(args.model).token_mining
+    head = MinedFacts(names, tm.queries_per_frame, tm.llm_dim)
+    if not head.load_if_matching(args.model / FACTS_HEAD):
+        raise SystemExit(f"{args.model}: no matching {FACTS_HEAD}")
+    answers, presence, last_frame = {}, [], []
+    with torch.no_grad():
+        for clip in json.loads((data / f"{args.split}-captions.json").read_text()):
+            t = cache.load_tensors(data / "videos" / clip["video"])
+            towers = TowerOutputs(t["video"][None].float(), t["image"][None].float())
+            out = head.predict(model.video_embeddings(towers))[0]  # [T, 3, C]
+            seen, xy = (out[:, 0] > 0).float(), out[:, 1:].permute(0, 2, 1)
+            truth = frame_facts(clip["tracks"], names, model.config.video, grid=1)["present"]
+            presence.append((seen == truth).float().mean().item())
+            last_frame.append(bool((seen[-1] == truth[-1]).all()))
+            answers[clip["video"]] = rule_answers(names, seen, xy)
+    hits = collections.defaultdict(list)
+    for r in json.loads((data / f"{args.split}.json").read_text()):
+        if isinstance(r["video"], str) and len(r["meta"]["types"]) == 1:
+            qtype = r["meta"]["types"][0]
+            hits[qtype].append(answers[r["video"]].get(qtype) == r["meta"]["truth"][0])
+    per_type = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+    overall = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
+    result = {"single_video": overall, "per_type": per_type, "presence_per_ball_and_frame": sum(presence) / len(presence),
+              "last_frame_all_right": sum(last_frame) / len(last_frame)}
+    print(f"rules on perceived facts: single-video questions {overall:.1%}; presence per ball and frame "
+          f"{result['presence_per_ball_and_frame']:.1%}, last frame all right {result['last_frame_all_right']:.1%}")
+    print("  ".join(f"{t} {a:.1%}" for t, a in per_type.items()))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
