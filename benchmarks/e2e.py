@@ -226,8 +226,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the video encode")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the tensor summed for bandwidth")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
-                        help="int8: ours with weight-only int8 LLM linear layers (no plain baseline; own results file)")
+    parser.add_argument("--quantize", choices=["none", "int8", "packed"], default="none",
+                        help="int8: ours with weight-only int8 LLM linear layers; packed: bf16 LLM weights prepacked "
+                             "for oneDNN (both: no plain baseline; own results file)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
     args = parser.parse_args()
     if args.threads:
@@ -245,17 +246,19 @@ def main() -> None:
     reset_peak_rss()
     start = time.perf_counter()
     model = random_model(config, torch.bfloat16)
-    if args.quantize == "int8":
-        from hilight.quantize import quantize_llm
-
-        quantize_llm(model)
-        args.skip_baseline = True
     build = {"build_s": time.perf_counter() - start, "build_peak_rss_gb": peak_rss_gb(),
              "weights_gb": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30}
+    counted = count_gflop(Engine(model, tokenizer), clip, questions[0])  # the same FLOPs in every format
+    if args.quantize != "none":
+        from hilight.quantize import quantize_llm
+
+        start = time.perf_counter()
+        quantize_llm(model, mode=args.quantize)
+        build["quantize_s"] = time.perf_counter() - start
+        args.skip_baseline = True
     engine = Engine(model, tokenizer)
     ours = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=True)
     ours["peak_rss_gb"] = peak_rss_gb()
-    counted = count_gflop(engine, clip, questions[0])
     bound = bounds(model, ours, counted, bandwidth, rates[torch.bfloat16], args.new_tokens)
     base = base_bound = None
     if not args.skip_baseline:
@@ -276,11 +279,11 @@ def main() -> None:
           f"({'int8 weights' if args.quantize == 'int8' else 'bf16'})"
           + (f", {base_bound['decode_bytes_per_token'] / 2**30:.2f} GiB (fp32, plain decode bound "
              f"{base_bound['decode_tokens_per_s']:.2f} tokens/s)" if base_bound else ""))
-    print(table(ours, base, bound, "ours int8" if args.quantize == "int8" else "ours bf16"))
+    print(table(ours, base, bound, {"none": "ours bf16", "int8": "ours int8", "packed": "ours packed"}[args.quantize]))
 
     if args.preset == FULL_PRESET:
-        if args.quantize == "int8" and args.out == Path("benchmarks/results/e2e.json"):
-            args.out = Path("benchmarks/results/e2e-int8.json")
+        if args.quantize != "none" and args.out == Path("benchmarks/results/e2e.json"):
+            args.out = Path(f"benchmarks/results/e2e-{args.quantize}.json")
         results = {"preset": args.preset, "quantize": args.quantize, "frames": frames, "question_tokens": args.question_tokens,
                    "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "read_bandwidth_gbs": bandwidth,

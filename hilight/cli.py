@@ -328,8 +328,9 @@ def _settings(args: argparse.Namespace):
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="weights and compute (auto: bf16 where the hardware has it, else fp32)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: weight-only int8 LLM linear layers (CPU; faster decoding, see README Performance)")
+    p.add_argument("--quantize", choices=["none", "int8", "packed"], default="none",
+                   help="int8: weight-only int8 LLM linear layers; packed: bf16 LLM weights prepacked for oneDNN "
+                        "(both CPU; faster decoding, see README Performance)")
 
 
 def _engine(args: argparse.Namespace):

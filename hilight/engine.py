@@ -145,18 +145,19 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
                         quantize: str = "none") -> Engine:
-        """``quantize="int8"``: weight-only int8 for the LLM's linear layers (CPU; see hilight.quantize)."""
+        """``quantize="int8"``: weight-only int8 for the LLM's linear layers; ``"packed"``: the
+        LLM's bf16 weights prepacked for oneDNN (CPU only; see hilight.quantize)."""
         from hilight.checkpoint import load_checkpoint
 
         model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
-        if quantize == "int8":
+        if quantize in ("int8", "packed"):
             from hilight.quantize import quantize_llm
 
             if device != "cpu":
-                raise ValueError("--quantize int8 runs on CPU only (torch's int8-weight kernel)")
-            quantize_llm(model)
+                raise ValueError(f"--quantize {quantize} runs on CPU only (torch's CPU kernels)")
+            quantize_llm(model, mode=quantize)
         elif quantize != "none":
-            raise ValueError(f"unknown quantization {quantize!r} (none, int8)")
+            raise ValueError(f"unknown quantization {quantize!r} (none, int8, packed)")
         return cls(model, tokenizer)
 
     @property

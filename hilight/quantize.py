@@ -15,7 +15,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "packed")
+
+
+class PackedLinear(nn.Module):
+    """A frozen bf16 ``nn.Linear`` whose weight is reordered once into oneDNN's blocked layout
+    (the values are unchanged). torch's plain bf16 product reads a [16384, 2048] weight for one
+    input row at 19 GB/s on a 2-core AVX512-BF16 CPU; the prepacked one at 60 GB/s, the speed
+    of summing the same tensor, so decoding becomes bandwidth-bound as it should be."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            raise ValueError("packed weights are for bf16 models on CPU (--dtype bf16)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, None))
+        self.dtype = weight.dtype
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in with the weight's dtype and device (for code that inspects ``.weight``)."""
+        return torch.empty(0, dtype=self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(self.dtype).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed bf16 weights"
 
 
 class Int8Linear(nn.Module):
@@ -63,19 +94,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def quantize_llm(model, include_lm_head: bool = True) -> int:
-    """Replace the LLM's linear layers (and its LM head) by :class:`Int8Linear`, in place;
-    returns how many were replaced. The input embedding keeps its dtype (it is a lookup)."""
+def quantize_llm(model, include_lm_head: bool = True, mode: str = "int8") -> int:
+    """Replace the LLM's linear layers (and its LM head) by :class:`Int8Linear` (``mode="int8"``)
+    or :class:`PackedLinear` (``"packed"``), in place; returns how many were replaced. The input
+    embedding keeps its dtype (it is a lookup)."""
+    kind = {"int8": Int8Linear, "packed": PackedLinear}[mode]
     llm = model.llm
     targets = [(name, module) for name, module in llm.named_modules() if isinstance(module, nn.Linear)
                and (include_lm_head or name != "lm_head")]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = llm.get_submodule(parent_name) if parent_name else llm
-        replacement = Int8Linear(module)
+        replacement = kind(module)
         # the pre-hook that gives the LM head standard strides stays with it
         replacement._forward_pre_hooks.update(module._forward_pre_hooks)
         setattr(parent, child, replacement)
     if include_lm_head and getattr(llm.config, "tie_word_embeddings", False):
-        llm.config.tie_word_embeddings = False  # the head is its own int8 copy now
+        llm.config.tie_word_embeddings = False  # the head is its own copy now
     return len(targets)

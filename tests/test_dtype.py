@@ -64,6 +64,31 @@ def test_int8_llm_stays_close_and_answers(tmp_path, tokenizer):
         Engine.from_checkpoint(path, quantize="int4")
 
 
+def test_packed_llm_gives_the_same_answers(tmp_path, tokenizer):
+    from hilight.quantize import PackedLinear
+
+    path = talkative_checkpoint(tmp_path / "m", tokenizer)
+    plain = Engine.from_checkpoint(path, dtype=torch.bfloat16)
+    packed = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize="packed")
+    linears = [m for m in packed.model.llm.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 7 * packed.model.config.llm.num_layers + 1  # q k v o gate up down, + LM head
+    ids = torch.randint(3, len(tokenizer), (2, 9))
+    with torch.no_grad():
+        ref, out = (e.model.llm(input_ids=ids).logits.float() for e in (plain, packed))
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)  # the same bf16 values, another summation order
+    from hilight.demo import moving_balls_clip
+    from hilight.video import write_video
+
+    clip = write_video(tmp_path / "c.mp4", moving_balls_clip(12, 64))
+    answers = ["".join(stream_reply(e, Conversation(), "What happens?", [clip], GenerationSettings(8)))
+               for e in (plain, packed)]
+    assert answers[0] == answers[1]
+    import pytest
+
+    with pytest.raises(ValueError, match="bf16 models on CPU"):
+        Engine.from_checkpoint(path, dtype=torch.float32, quantize="packed")
+
+
 def test_int8_linear_paths_agree_and_quantize_in_chunks():
     from hilight.quantize import Int8Linear
 
