@@ -32,6 +32,7 @@ from hilight.config import HiLightConfig, preset
 from hilight.demo import moving_balls_clip
 from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.model import HiLight
+from hilight.quantize import QUANTIZE, quantize_llm
 from hilight.text import Message
 from hilight.tokenizer import DEMO_CORPUS, train_tokenizer
 from hilight.video import load_video, write_video
@@ -226,7 +227,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the video encode")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the tensor summed for bandwidth")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quantize", choices=["none", "int8", "packed"], default="none",
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
                         help="int8: ours with weight-only int8 LLM linear layers; packed: bf16 LLM weights prepacked "
                              "for oneDNN (both: no plain baseline; own results file)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
@@ -250,8 +251,6 @@ def main() -> None:
              "weights_gb": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30}
     counted = count_gflop(Engine(model, tokenizer), clip, questions[0])  # the same FLOPs in every format
     if args.quantize != "none":
-        from hilight.quantize import quantize_llm
-
         start = time.perf_counter()
         quantize_llm(model, mode=args.quantize)
         build["quantize_s"] = time.perf_counter() - start

@@ -62,6 +62,18 @@ def rule_answers(names: list[str], present: torch.Tensor, xy: torch.Tensor) -> d
     return answers
 
 
+def score(answers: dict[str, dict[str, str]], records: list[dict]) -> tuple[dict[str, dict], float]:
+    """Per question type (``n``, ``accuracy``) and overall accuracy of per-clip ``answers``
+    (video name -> type -> answer) on the single-video, single-question ``records`` of a split."""
+    hits = collections.defaultdict(list)
+    for r in records:
+        if isinstance(r["video"], str) and len(r["meta"]["types"]) == 1:
+            qtype = r["meta"]["types"][0]
+            hits[qtype].append(answers[r["video"]].get(qtype) == r["meta"]["truth"][0])
+    per_type = {t: {"n": len(h), "accuracy": sum(h) / len(h)} for t, h in sorted(hits.items())}
+    return per_type, sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a billiards data set (hilight recipe's data/)")
@@ -70,8 +82,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     clips = {c["video"]: c["tracks"] for c in json.loads((args.data / f"{args.split}-captions.json").read_text())}
-    records = [r for r in json.loads((args.data / f"{args.split}.json").read_text())
-               if isinstance(r["video"], str) and len(r["meta"]["types"]) == 1]
+    records = json.loads((args.data / f"{args.split}.json").read_text())
     results = {}
     for frames in args.frames:
         video_cfg = preset("billiards-small").video
@@ -80,12 +91,7 @@ def main() -> None:
         for name, tracks in clips.items():
             facts = frame_facts(tracks, tracks["names"], video_cfg, grid=1)
             answers[name] = rule_answers(tracks["names"], facts["present"], facts["xy"])
-        hits = collections.defaultdict(list)
-        for r in records:
-            qtype, truth = r["meta"]["types"][0], r["meta"]["truth"][0]
-            hits[qtype].append(answers[r["video"]].get(qtype) == truth)
-        per_type = {t: {"n": len(h), "accuracy": sum(h) / len(h)} for t, h in sorted(hits.items())}
-        overall = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
+        per_type, overall = score(answers, records)
         results[frames] = {"per_type": per_type, "single_video": overall}
         print(f"{frames} frames: single-video questions {overall:.1%}  "
               + "  ".join(f"{t} {v['accuracy']:.1%}" for t, v in per_type.items()))

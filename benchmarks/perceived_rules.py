@@ -14,21 +14,17 @@ them: perception is the limit.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import sys
 from pathlib import Path
 
 import torch
+from oracle_rules import rule_answers, score
 
 from hilight.align import frame_facts
-from hilight.checkpoint import load_checkpoint, read_config
+from hilight.checkpoint import load_checkpoint
 from hilight.data import FeatureCache, tower_identity
 from hilight.model.hilight import TowerOutputs
 from hilight.train import FACTS_HEAD, MinedFacts
-
-sys.path.insert(0, str(Path(__file__).parent))
-from oracle_rules import rule_answers  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +40,7 @@ def main() -> None:
     cache = FeatureCache(args.run / "features", tower_identity(aligned))
     data = args.run / "data"
     names = sorted({n for c in json.loads((data / "train-captions.json").read_text()) for n in c["tracks"]["names"]})
-    tm = read_config(args.model).token_mining
+    tm = model.config.token_mining
     head = MinedFacts(names, tm.queries_per_frame, tm.llm_dim)
     if not head.load_if_matching(args.model / FACTS_HEAD):
         raise SystemExit(f"{args.model}: no matching {FACTS_HEAD}")
@@ -59,13 +55,8 @@ def main() -> None:
             presence.append((seen == truth).float().mean().item())
             last_frame.append(bool((seen[-1] == truth[-1]).all()))
             answers[clip["video"]] = rule_answers(names, seen, xy)
-    hits = collections.defaultdict(list)
-    for r in json.loads((data / f"{args.split}.json").read_text()):
-        if isinstance(r["video"], str) and len(r["meta"]["types"]) == 1:
-            qtype = r["meta"]["types"][0]
-            hits[qtype].append(answers[r["video"]].get(qtype) == r["meta"]["truth"][0])
-    per_type = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
-    overall = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
+    scored, overall = score(answers, json.loads((data / f"{args.split}.json").read_text()))
+    per_type = {t: v["accuracy"] for t, v in scored.items()}
     result = {"single_video": overall, "per_type": per_type, "presence_per_ball_and_frame": sum(presence) / len(presence),
               "last_frame_all_right": sum(last_frame) / len(last_frame)}
     print(f"rules on perceived facts: single-video questions {overall:.1%}; presence per ball and frame "

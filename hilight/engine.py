@@ -150,14 +150,14 @@ class Engine:
         from hilight.checkpoint import load_checkpoint
 
         model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
-        if quantize in ("int8", "packed"):
-            from hilight.quantize import quantize_llm
+        from hilight.quantize import QUANTIZE, quantize_llm
 
+        if quantize not in QUANTIZE:
+            raise ValueError(f"unknown quantization {quantize!r} ({', '.join(QUANTIZE)})")
+        if quantize != "none":
             if device != "cpu":
                 raise ValueError(f"--quantize {quantize} runs on CPU only (torch's CPU kernels)")
             quantize_llm(model, mode=quantize)
-        elif quantize != "none":
-            raise ValueError(f"unknown quantization {quantize!r} (none, int8, packed)")
         return cls(model, tokenizer)
 
     @property

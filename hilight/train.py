@@ -16,8 +16,8 @@ The loop itself (accelerate, checkpoints, resume, metrics) is :func:`hilight.loo
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import asdict

@@ -38,53 +38,49 @@ def test_bf16_engine_answers(tmp_path, tokenizer):
     assert isinstance(answer, str) and engine.video_embeddings(clip).dtype == torch.bfloat16
 
 
-def test_int8_llm_stays_close_and_answers(tmp_path, tokenizer):
-    from hilight.quantize import Int8Linear, quantize_llm
-
-    path = talkative_checkpoint(tmp_path / "m", tokenizer)
-    plain = Engine.from_checkpoint(path, dtype=torch.bfloat16)
-    quantized = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize="int8")
-    linears = [m for m in quantized.model.llm.modules() if isinstance(m, Int8Linear)]
-    assert len(linears) == 7 * quantized.model.config.llm.num_layers + 1  # q k v o gate up down, + LM head
-    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.model.llm.modules())
-    ids = torch.randint(3, len(tokenizer), (2, 9))
-    with torch.no_grad():
-        ref, low = (e.model.llm(input_ids=ids).logits.float() for e in (plain, quantized))
-    assert (F.cosine_similarity(ref, low, dim=-1) > 0.99).all()
-    assert quantize_llm(HiLight(quantized.model.config), include_lm_head=False) == 7 * quantized.model.config.llm.num_layers
+def _converted(tmp_path, tokenizer, quantize: str, kind: type):
+    """The talkative bf16 checkpoint as a plain and a ``quantize`` engine (every LLM linear layer
+    and the LM head replaced by ``kind``), their logits on one batch, and a clip to ask about."""
     from hilight.demo import moving_balls_clip
     from hilight.video import write_video
 
-    clip = write_video(tmp_path / "c.mp4", moving_balls_clip(12, 64))
-    answer = "".join(stream_reply(quantized, Conversation(), "What happens?", [clip], GenerationSettings(8)))
-    assert isinstance(answer, str)
+    path = talkative_checkpoint(tmp_path / "m", tokenizer)
+    plain = Engine.from_checkpoint(path, dtype=torch.bfloat16)
+    converted = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize=quantize)
+    linears = [m for m in converted.model.llm.modules() if isinstance(m, kind)]
+    assert len(linears) == 7 * converted.model.config.llm.num_layers + 1  # q k v o gate up down, + LM head
+    assert not any(isinstance(m, torch.nn.Linear) for m in converted.model.llm.modules())
+    ids = torch.randint(3, len(tokenizer), (2, 9))
+    with torch.no_grad():
+        ref, out = (e.model.llm(input_ids=ids).logits.float() for e in (plain, converted))
+    return path, plain, converted, ref, out, write_video(tmp_path / "c.mp4", moving_balls_clip(12, 64))
+
+
+def _answer(engine: Engine, clip) -> str:
+    return "".join(stream_reply(engine, Conversation(), "What happens?", [clip], GenerationSettings(8)))
+
+
+def test_int8_llm_stays_close_and_answers(tmp_path, tokenizer):
     import pytest
 
+    from hilight.quantize import Int8Linear, quantize_llm
+
+    path, _, quantized, ref, low, clip = _converted(tmp_path, tokenizer, "int8", Int8Linear)
+    assert (F.cosine_similarity(ref, low, dim=-1) > 0.99).all()
+    assert quantize_llm(HiLight(quantized.model.config), include_lm_head=False) == 7 * quantized.model.config.llm.num_layers
+    assert isinstance(_answer(quantized, clip), str)
     with pytest.raises(ValueError, match="unknown quantization"):
         Engine.from_checkpoint(path, quantize="int4")
 
 
 def test_packed_llm_gives_the_same_answers(tmp_path, tokenizer):
-    from hilight.quantize import PackedLinear
-
-    path = talkative_checkpoint(tmp_path / "m", tokenizer)
-    plain = Engine.from_checkpoint(path, dtype=torch.bfloat16)
-    packed = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize="packed")
-    linears = [m for m in packed.model.llm.modules() if isinstance(m, PackedLinear)]
-    assert len(linears) == 7 * packed.model.config.llm.num_layers + 1  # q k v o gate up down, + LM head
-    ids = torch.randint(3, len(tokenizer), (2, 9))
-    with torch.no_grad():
-        ref, out = (e.model.llm(input_ids=ids).logits.float() for e in (plain, packed))
-    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)  # the same bf16 values, another summation order
-    from hilight.demo import moving_balls_clip
-    from hilight.video import write_video
-
-    clip = write_video(tmp_path / "c.mp4", moving_balls_clip(12, 64))
-    answers = ["".join(stream_reply(e, Conversation(), "What happens?", [clip], GenerationSettings(8)))
-               for e in (plain, packed)]
-    assert answers[0] == answers[1]
     import pytest
 
+    from hilight.quantize import PackedLinear
+
+    path, plain, packed, ref, out, clip = _converted(tmp_path, tokenizer, "packed", PackedLinear)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)  # the same bf16 values, another summation order
+    assert _answer(plain, clip) == _answer(packed, clip)
     with pytest.raises(ValueError, match="bf16 models on CPU"):
         Engine.from_checkpoint(path, dtype=torch.float32, quantize="packed")
 
