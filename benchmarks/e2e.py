@@ -2,13 +2,15 @@
 new tokens, and a follow-up question, with random weights (the figures do not depend on them).
 
 Ours: weights built straight into bf16 (parameters start on the meta device and each is
-allocated once, in bf16: no fp32 copy of the model ever exists), per-video embedding cache and
-multi-turn KV reuse. The plain baseline, in the same process on the same weights: fp32, and a
-follow-up turn decodes, encodes and prefills everything again. The bounds come from this
+allocated once, in bf16: no fp32 copy of the model ever exists), the LLM's layers as ``hilight``
+runs them by default (``--quantize auto``: oneDNN-packed bf16 on a CPU with native bf16),
+per-video embedding cache and multi-turn KV reuse. The plain baseline, in the same process
+after ours is freed, on weights drawn the same way: fp32, and a follow-up turn decodes, encodes
+and prefills everything again. The bounds come from this
 machine: decode tokens/s <= measured memory read bandwidth / bytes read per token (weights + KV
 cache); encode and prefill take >= counted FLOPs / measured matmul rate.
 
-    .venv/bin/python benchmarks/e2e.py [--preset hilight-2b] [--skip-baseline]
+    .venv/bin/python benchmarks/e2e.py [--preset hilight-2b] [--quantize auto|none|int8|packed] [--skip-baseline]
 
 Writes benchmarks/results/e2e.json only for the full ``hilight-2b`` preset. Peak memory is the
 process's peak RSS (Linux ``VmHWM``), reset between ours and the baseline.
@@ -17,6 +19,7 @@ process's peak RSS (Linux ``VmHWM``), reset between ours and the baseline.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import tempfile
@@ -32,7 +35,7 @@ from hilight.config import HiLightConfig, preset
 from hilight.demo import moving_balls_clip
 from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.model import HiLight
-from hilight.quantize import QUANTIZE, quantize_llm
+from hilight.quantize import QUANTIZE, quantize_llm, resolve_quantize
 from hilight.text import Message
 from hilight.tokenizer import DEMO_CORPUS, train_tokenizer
 from hilight.video import load_video, write_video
@@ -227,9 +230,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the video encode")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the tensor summed for bandwidth")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                        help="int8: ours with weight-only int8 LLM linear layers; packed: bf16 LLM weights prepacked "
-                             "for oneDNN (both: no plain baseline; own results file)")
+    parser.add_argument("--quantize", choices=QUANTIZE, default="auto",
+                        help="ours: auto (what `hilight` does: packed bf16 on a CPU with native bf16), none (plain "
+                             "bf16 layers), int8 (weight-only int8 LLM layers) or packed; not auto: own results file")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
     args = parser.parse_args()
     if args.threads:
@@ -250,19 +253,22 @@ def main() -> None:
     build = {"build_s": time.perf_counter() - start, "build_peak_rss_gb": peak_rss_gb(),
              "weights_gb": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30}
     counted = count_gflop(Engine(model, tokenizer), clip, questions[0])  # the same FLOPs in every format
-    if args.quantize != "none":
+    mode = resolve_quantize(args.quantize, torch.bfloat16, "cpu")
+    if mode != "none":
         start = time.perf_counter()
-        quantize_llm(model, mode=args.quantize)
+        quantize_llm(model, mode=mode)
         build["quantize_s"] = time.perf_counter() - start
-        args.skip_baseline = True
     engine = Engine(model, tokenizer)
     ours = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=True)
     ours["peak_rss_gb"] = peak_rss_gb()
     bound = bounds(model, ours, counted, bandwidth, rates[torch.bfloat16], args.new_tokens)
     base = base_bound = None
     if not args.skip_baseline:
+        del engine, model  # the plain run gets its own fp32 model (packed or int8 layers cannot become fp32)
+        gc.collect()
         reset_peak_rss()
-        engine = Engine(model.float(), tokenizer)  # the same weights, converted tensor by tensor
+        model = random_model(config, torch.float32)
+        engine = Engine(model, tokenizer)
         base = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=False)
         base["peak_rss_gb"] = peak_rss_gb()
         base_bound = bounds(model, base, counted, bandwidth, rates[torch.float32], args.new_tokens)
@@ -275,15 +281,15 @@ def main() -> None:
     print(f"built in bf16 in {build['build_s']:.1f} s: weights {build['weights_gb']:.2f} GiB, "
           f"peak RSS while building {build['build_peak_rss_gb']:.2f} GiB")
     print(f"bound: decode reads {bound['decode_bytes_per_token'] / 2**30:.2f} GiB a token "
-          f"({'int8 weights' if args.quantize == 'int8' else 'bf16'})"
+          f"({'int8 weights' if mode == 'int8' else 'bf16'})"
           + (f", {base_bound['decode_bytes_per_token'] / 2**30:.2f} GiB (fp32, plain decode bound "
              f"{base_bound['decode_tokens_per_s']:.2f} tokens/s)" if base_bound else ""))
-    print(table(ours, base, bound, {"none": "ours bf16", "int8": "ours int8", "packed": "ours packed"}[args.quantize]))
+    print(table(ours, base, bound, {"none": "ours bf16", "int8": "ours int8", "packed": "ours packed"}[mode]))
 
     if args.preset == FULL_PRESET:
-        if args.quantize != "none" and args.out == Path("benchmarks/results/e2e.json"):
+        if args.quantize != "auto" and args.out == Path("benchmarks/results/e2e.json"):
             args.out = Path(f"benchmarks/results/e2e-{args.quantize}.json")
-        results = {"preset": args.preset, "quantize": args.quantize, "frames": frames, "question_tokens": args.question_tokens,
+        results = {"preset": args.preset, "quantize": mode, "frames": frames, "question_tokens": args.question_tokens,
                    "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "read_bandwidth_gbs": bandwidth,
                    "matmul_gflops": {"bf16": rates[torch.bfloat16], "fp32": rates[torch.float32]},

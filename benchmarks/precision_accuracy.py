@@ -20,7 +20,8 @@ import torch
 from hilight.engine import Engine, GenerationSettings, default_model
 from hilight.eval import load_items, report, run
 
-VARIANTS = (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("bf16 + int8 LLM", torch.bfloat16, "int8"))
+VARIANTS = (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("bf16 packed", torch.bfloat16, "packed"),
+            ("bf16 + int8 LLM", torch.bfloat16, "int8"))
 GROUPS = ("single_video", "two_video", "overall")
 
 

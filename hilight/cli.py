@@ -328,16 +328,17 @@ def _settings(args: argparse.Namespace):
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="weights and compute (auto: bf16 where the hardware has it, else fp32)")
-    p.add_argument("--quantize", choices=["none", "int8", "packed"], default="none",
+    p.add_argument("--quantize", choices=["auto", "none", "int8", "packed"], default="auto",
                    help="int8: weight-only int8 LLM linear layers; packed: bf16 LLM weights prepacked for oneDNN "
-                        "(both CPU; faster decoding, see README Performance)")
+                        "(both CPU; faster decoding, see README Performance); auto: packed for bf16 on a CPU "
+                        "with native bf16, else none")
 
 
 def _engine(args: argparse.Namespace):
     from hilight.engine import Engine, resolve_dtype
 
     return Engine.from_checkpoint(_model_path(args.model), dtype=resolve_dtype(args.dtype),
-                                  quantize=getattr(args, "quantize", "none"))
+                                  quantize=getattr(args, "quantize", "auto"))
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:

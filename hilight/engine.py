@@ -144,20 +144,21 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
-                        quantize: str = "none") -> Engine:
+                        quantize: str = "auto") -> Engine:
         """``quantize="int8"``: weight-only int8 for the LLM's linear layers; ``"packed"``: the
-        LLM's bf16 weights prepacked for oneDNN (CPU only; see hilight.quantize)."""
+        LLM's bf16 weights prepacked for oneDNN; ``"auto"``: packed for a bf16 model on a CPU
+        with native bf16, else none (see hilight.quantize)."""
         from hilight.checkpoint import load_checkpoint
+        from hilight.quantize import QUANTIZE, quantize_llm, resolve_quantize
 
-        model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
-        from hilight.quantize import QUANTIZE, quantize_llm
-
-        if quantize not in QUANTIZE:
+        if quantize not in QUANTIZE:  # before the (long) load
             raise ValueError(f"unknown quantization {quantize!r} ({', '.join(QUANTIZE)})")
-        if quantize != "none":
+        model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
+        mode = resolve_quantize(quantize, next(model.llm.parameters()).dtype, device)
+        if mode != "none":
             if device != "cpu":
-                raise ValueError(f"--quantize {quantize} runs on CPU only (torch's CPU kernels)")
-            quantize_llm(model, mode=quantize)
+                raise ValueError(f"--quantize {mode} runs on CPU only (torch's CPU kernels)")
+            quantize_llm(model, mode=mode)
         return cls(model, tokenizer)
 
     @property

@@ -12,10 +12,34 @@ are compute-bound, and small.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-QUANTIZE = ("none", "int8", "packed")
+QUANTIZE = ("auto", "none", "int8", "packed")
+
+
+def resolve_quantize(mode: str, dtype: torch.dtype, device: str | torch.device) -> str:
+    """``auto``: ``packed`` for a bf16 model on a CPU whose oneDNN runs bf16 natively (the same
+    values, decoding 1.5x faster, see the README), otherwise ``none``; other modes as given."""
+    if mode not in QUANTIZE:
+        raise ValueError(f"unknown quantization {mode!r} ({', '.join(QUANTIZE)})")
+    if mode != "auto":
+        return mode
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    usable = dtype == torch.bfloat16 and torch.device(device).type == "cpu" and native and _packing_works()
+    return "packed" if usable else "none"
+
+
+@functools.cache
+def _packing_works() -> bool:
+    """Whether this torch build packs and runs a small bf16 linear layer through oneDNN."""
+    try:
+        layer = PackedLinear(nn.Linear(16, 8).to(torch.bfloat16))
+        return layer(torch.ones(2, 16, dtype=torch.bfloat16)).shape == (2, 8)
+    except (RuntimeError, AttributeError):  # no mkldnn ops in this build, or they refuse bf16
+        return False
 
 
 class PackedLinear(nn.Module):
@@ -100,15 +124,19 @@ def quantize_llm(model, include_lm_head: bool = True, mode: str = "int8") -> int
     embedding keeps its dtype (it is a lookup)."""
     kind = {"int8": Int8Linear, "packed": PackedLinear}[mode]
     llm = model.llm
-    targets = [(name, module) for name, module in llm.named_modules() if isinstance(module, nn.Linear)
+    # names only: a list of the modules themselves would keep every original weight alive until
+    # the last one is replaced (full hilight-2b packed: peak 11.1 GiB instead of 7.x)
+    targets = [name for name, module in llm.named_modules() if isinstance(module, nn.Linear)
                and (include_lm_head or name != "lm_head")]
-    for name, module in targets:
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = llm.get_submodule(parent_name) if parent_name else llm
+        module = getattr(parent, child)
         replacement = kind(module)
         # the pre-hook that gives the LM head standard strides stays with it
         replacement._forward_pre_hooks.update(module._forward_pre_hooks)
         setattr(parent, child, replacement)
+        del module, replacement  # the original weight is freed here (unless tied to the embedding)
     if include_lm_head and getattr(llm.config, "tie_word_embeddings", False):
         llm.config.tie_word_embeddings = False  # the head is its own copy now
     if mode == "packed":

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class Models:
     """Checkpoints found in a directory (and/or one given path), loaded on first use."""
 
-    def __init__(self, default: Path | None, models_dir: Path | None, dtype=None, quantize: str = "none"):
+    def __init__(self, default: Path | None, models_dir: Path | None, dtype=None, quantize: str = "auto"):
         self.dtype = dtype
         self.quantize = quantize
         self.paths: dict[str, Path] = {}

@@ -45,7 +45,7 @@ def _converted(tmp_path, tokenizer, quantize: str, kind: type):
     from hilight.video import write_video
 
     path = talkative_checkpoint(tmp_path / "m", tokenizer)
-    plain = Engine.from_checkpoint(path, dtype=torch.bfloat16)
+    plain = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize="none")
     converted = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize=quantize)
     linears = [m for m in converted.model.llm.modules() if isinstance(m, kind)]
     assert len(linears) == 7 * converted.model.config.llm.num_layers + 1  # q k v o gate up down, + LM head
@@ -83,6 +83,25 @@ def test_packed_llm_gives_the_same_answers(tmp_path, tokenizer):
     assert _answer(plain, clip) == _answer(packed, clip)
     with pytest.raises(ValueError, match="bf16 models on CPU"):
         Engine.from_checkpoint(path, dtype=torch.float32, quantize="packed")
+
+
+def test_auto_packs_only_bf16_on_a_cpu_with_native_bf16(monkeypatch):
+    import pytest
+
+    from hilight import quantize
+    from hilight.quantize import resolve_quantize
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    if not quantize._packing_works():
+        pytest.skip("this torch build has no oneDNN bf16 linear")
+    assert resolve_quantize("auto", torch.bfloat16, "cpu") == "packed"
+    assert resolve_quantize("auto", torch.float32, "cpu") == "none"
+    assert resolve_quantize("auto", torch.bfloat16, "cuda") == "none"
+    assert resolve_quantize("int8", torch.float32, "cpu") == "int8"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert resolve_quantize("auto", torch.bfloat16, "cpu") == "none"  # oneDNN would emulate bf16: slower
+    with pytest.raises(ValueError, match="unknown quantization"):
+        resolve_quantize("int4", torch.bfloat16, "cpu")
 
 
 def test_int8_linear_paths_agree_and_quantize_in_chunks():
