@@ -136,12 +136,28 @@ def weight_files(path: str | Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path, dtype: torch.dtype | None = None, mapped: bool = True) -> dict[str, torch.Tensor]:
+    """Every stored tensor, floating-point ones converted to ``dtype`` if given. ``mapped``: the
+    tensors are views of the files' memory maps (nothing copied; once read, the pages count
+    towards the process's resident memory until the last view is gone). ``mapped=False``: each
+    tensor is copied into the process's own memory as it is read and its map released at once,
+    for callers that replace the weights anyway (packed or int8 layers): full hilight-2b loaded
+    and packed peaks at 11.4 GiB resident through the maps, of which 4.8 GiB file pages."""
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
         if not file.is_file():
             raise CheckpointError(f"{file}: shard listed in the index is missing")
-        state.update(load_file(file))
+        if mapped and dtype is None:
+            state.update(load_file(file))
+            continue
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)  # a copy
+                elif not mapped:
+                    tensor = tensor.clone()
+                state[name] = tensor
     return state
 
 
@@ -200,17 +216,17 @@ def tie_llm_embeddings(model: HiLight) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_tokenizer: bool = True
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_tokenizer: bool = True,
+    mapped: bool = True,
 ):
     """Load ``(model, tokenizer)`` from a HiLight checkpoint directory (tokenizer is None when
-    ``with_tokenizer`` is false). The model is in eval mode, with towers frozen as configured."""
+    ``with_tokenizer`` is false). The model is in eval mode, with towers frozen as configured.
+    ``mapped``: as :func:`load_weights`."""
     path = Path(path)
     meta = read_meta(path)
     config = from_dict(HiLightConfig, meta["config"])
     model = build_empty(config)
-    state = load_weights(path)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = load_weights(path, dtype, mapped)
     load_state_strict(model, state, tied=tied_keys(config), where=str(path))
     tie_llm_embeddings(model)
     model.set_trainable(config.trainable)

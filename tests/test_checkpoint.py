@@ -32,12 +32,15 @@ def test_round_trip_reproduces_outputs(tmp_path, model, tokenizer, chat, config,
     torch.testing.assert_close(_logits(loaded, chat, config), _logits(model, chat, config), atol=0, rtol=0)
     assert loaded.llm.lm_head.weight is loaded.llm.model.embed_tokens.weight  # tied again
     assert loaded.config == model.config
+    copied, _ = load_checkpoint(path, mapped=False, with_tokenizer=False)  # tensors read into memory of its own
+    torch.testing.assert_close(_logits(copied, chat, config), _logits(model, chat, config), atol=0, rtol=0)
 
 
 def test_bf16_load(tmp_path, model, tokenizer):
     path = save_checkpoint(model, tmp_path / "ckpt", tokenizer)
-    loaded, _ = load_checkpoint(path, dtype=torch.bfloat16)
-    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for mapped in (True, False):
+        loaded, _ = load_checkpoint(path, dtype=torch.bfloat16, mapped=mapped)
+        assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 
 def test_saving_over_an_existing_checkpoint_replaces_it(tmp_path, model, tokenizer):
