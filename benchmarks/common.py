@@ -10,14 +10,23 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work (a no-op without CUDA), so that a clock read after it is true."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
-    """Median wall-clock seconds of ``fn`` over ``repeats`` runs (after one warm-up run)."""
+    """Median wall-clock seconds of ``fn`` over ``repeats`` runs (after one warm-up run); GPU
+    work is waited for."""
     if warmup:
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -34,7 +43,8 @@ def gflop(fn: Callable[[], object]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 2048, n: int = 2048, repeats: int = 5) -> float:
-    """The GFLOP/s of one [m, k] x [k, n] matrix product in ``dtype`` on this machine."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 2048, n: int = 2048, repeats: int = 5,
+                  device: str = "cpu") -> float:
+    """The GFLOP/s of one [m, k] x [k, n] matrix product in ``dtype`` on ``device``."""
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
     return 2 * m * k * n / median_time(lambda: a @ b, repeats) / 1e9

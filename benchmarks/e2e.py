@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import gflop, matmul_gflops, median_time
+from common import gflop, matmul_gflops, median_time, synchronize
 from torch import nn
 
 from hilight.checkpoint import build_empty, load_state_strict, tie_llm_embeddings, tied_keys
@@ -44,20 +44,20 @@ FULL_PRESET = "hilight-2b"
 WORDS = "which ball went into the pocket first and how many times did the cue ball hit a cushion".split()
 
 
-def random_model(config: HiLightConfig, dtype: torch.dtype, seed: int = 0) -> HiLight:
+def random_model(config: HiLightConfig, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> HiLight:
     """Random weights allocated once each, directly in ``dtype``. Matrices are N(0, 0.02);
     LayerNorm scales are 1 and other vectors 0 (Gemma's RMSNorm scales by 1 + w), so
     activations keep their size: with all-random vectors they shrink layer by layer into
     subnormal floats, which the CPU computes many times slower."""
     model = build_empty(config)  # parameters on the meta device, buffers (rotary tables) real
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     state, seen = {}, set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # a tied weight is allocated once
                 continue
             seen.add(id(p))
-            t = torch.empty(p.shape, dtype=dtype)
+            t = torch.empty(p.shape, dtype=dtype, device=device)
             if p.dim() > 1:
                 t.normal_(0, 0.02, generator=g)
             else:
@@ -65,7 +65,11 @@ def random_model(config: HiLightConfig, dtype: torch.dtype, seed: int = 0) -> Hi
             state[f"{module_name}.{name}"] = t
     load_state_strict(model, state, tied=tied_keys(config), where="random")
     tie_llm_embeddings(model)
-    return model.eval()
+    return model.to(device).eval()  # the buffers (rotary tables) too
+
+
+def peak_gpu_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else None
 
 
 def peak_rss_gb() -> float:
@@ -77,11 +81,13 @@ def peak_rss_gb() -> float:
 
 def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
-def read_bandwidth_gbs(mib: int) -> float:
+def read_bandwidth_gbs(mib: int, device: str = "cpu") -> float:
     """Memory read bandwidth (GB/s) of summing a tensor far larger than the caches."""
-    x = torch.ones(mib << 18)  # fp32: mib MiB
+    x = torch.ones(mib << 18, device=device)  # fp32: mib MiB
     seconds = median_time(lambda: x.sum(), repeats=5)
     return x.numel() * x.element_size() / seconds / 1e9
 
@@ -108,8 +114,13 @@ class Clock:
 
     def __init__(self, model: HiLight):
         self.marks: list[list[float]] = []
-        self.hooks = [model.llm.register_forward_pre_hook(lambda *_: self.marks.append([time.perf_counter()])),
-                      model.llm.register_forward_hook(lambda *_: self.marks[-1].append(time.perf_counter()))]
+        self.hooks = [model.llm.register_forward_pre_hook(lambda *_: self.marks.append([self.now()])),
+                      model.llm.register_forward_hook(lambda *_: self.marks[-1].append(self.now()))]
+
+    @staticmethod
+    def now() -> float:
+        synchronize()  # on a GPU, a forward's end is when its kernels are done
+        return time.perf_counter()
 
     def close(self) -> None:
         for hook in self.hooks:
@@ -164,9 +175,10 @@ def count_gflop(engine: Engine, clip: Path, text: str) -> dict:
     embeds = []
     with torch.inference_mode():
         encode = gflop(lambda: embeds.append(model.video_embeddings(
-            model.encode_videos(load_video(clip, model.config.video).unsqueeze(0)))))
+            model.encode_videos(load_video(clip, model.config.video).unsqueeze(0).to(engine.device)))))
         ids = engine.chat.encode([Message("user", f"<video>\n{text}")], generation=True).input_ids
-        prefill = gflop(lambda: model.llm(inputs_embeds=model.embed(torch.tensor([ids]), embeds[0]), logits_to_keep=1))
+        prefill = gflop(lambda: model.llm(inputs_embeds=model.embed(torch.tensor([ids], device=engine.device), embeds[0]),
+                                          logits_to_keep=1))
     return {"encode": encode, "prefill": prefill}
 
 
@@ -214,6 +226,7 @@ def table(ours: dict, base: dict | None, bound: dict, label: str = "ours bf16") 
         row("TTFT turn 2, same video (s)", lambda f: f["turn2"]["ttft_s"]),
         row("turn 1 / turn 2 TTFT", lambda f: f["turn1"]["ttft_s"] / f["turn2"]["ttft_s"], rate=True),
         row("peak RSS (GiB)", lambda f: f["peak_rss_gb"]),
+        *([row("peak GPU memory (GiB)", lambda f: f["peak_gpu_gb"])] if ours.get("peak_gpu_gb") is not None else []),
         f"turn 2 prefill: {turn2['prefill_positions']} positions with reuse"
         + (f", {base['turn2']['prefill_positions']} without" if base else "")
         + f"; turn 1 generated {turn1['generated']} tokens",
@@ -230,6 +243,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the video encode")
     parser.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the tensor summed for bandwidth")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: ours bf16 and the plain fp32 run on the GPU "
+                        "(bounds: the GPU's measured HBM read rate and matmul rate; own results file)")
     parser.add_argument("--quantize", choices=QUANTIZE, default="auto",
                         help="ours: auto (what `hilight` does: packed bf16 on a CPU with native bf16), none (plain "
                              "bf16 layers), int8 (weight-only int8 LLM layers) or packed; not auto: own results file")
@@ -244,38 +259,42 @@ def main() -> None:
     frames = config.video.num_frames
     clip = write_video(work / "clip.mp4", moving_balls_clip(frames, 2 * config.video.image_size))
     questions = [question(tokenizer, args.question_tokens), question(tokenizer, args.question_tokens, offset=5)]
-    bandwidth = read_bandwidth_gbs(args.bandwidth_mib)
-    rates = {dtype: matmul_gflops(dtype) for dtype in (torch.bfloat16, torch.float32)}
+    device = args.device
+    bandwidth = read_bandwidth_gbs(args.bandwidth_mib, device)
+    rates = {dtype: matmul_gflops(dtype, device=device) for dtype in (torch.bfloat16, torch.float32)}
 
     reset_peak_rss()
     start = time.perf_counter()
-    model = random_model(config, torch.bfloat16)
+    model = random_model(config, torch.bfloat16, device=device)
     build = {"build_s": time.perf_counter() - start, "build_peak_rss_gb": peak_rss_gb(),
              "weights_gb": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**30}
     counted = count_gflop(Engine(model, tokenizer), clip, questions[0])  # the same FLOPs in every format
-    mode = resolve_quantize(args.quantize, torch.bfloat16, "cpu")
+    mode = resolve_quantize(args.quantize, model, device)
     if mode != "none":
         start = time.perf_counter()
         quantize_llm(model, mode=mode)
         build["quantize_s"] = time.perf_counter() - start
     engine = Engine(model, tokenizer)
     ours = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=True)
-    ours["peak_rss_gb"] = peak_rss_gb()
+    ours["peak_rss_gb"], ours["peak_gpu_gb"] = peak_rss_gb(), peak_gpu_gb()
     bound = bounds(model, ours, counted, bandwidth, rates[torch.bfloat16], args.new_tokens)
     base = base_bound = None
     if not args.skip_baseline:
         del engine, model  # the plain run gets its own fp32 model (packed or int8 layers cannot become fp32)
         gc.collect()
         reset_peak_rss()
-        model = random_model(config, torch.float32)
+        if device != "cpu":
+            torch.cuda.empty_cache()
+        model = random_model(config, torch.float32, device=device)
         engine = Engine(model, tokenizer)
         base = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=False)
-        base["peak_rss_gb"] = peak_rss_gb()
+        base["peak_rss_gb"], base["peak_gpu_gb"] = peak_rss_gb(), peak_gpu_gb()
         base_bound = bounds(model, base, counted, bandwidth, rates[torch.float32], args.new_tokens)
 
     print(f"{args.preset}: one {frames}-frame video, a {args.question_tokens}-token question, "
           f"{args.new_tokens} greedy new tokens; {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+          f"{platform.processor() or platform.machine()}"
+          + (f", {torch.cuda.get_device_name()}" if device != "cpu" else ""))
     print(f"machine: read bandwidth {bandwidth:.1f} GB/s; matmul bf16 {rates[torch.bfloat16]:.0f} GFLOP/s, "
           f"fp32 {rates[torch.float32]:.0f} GFLOP/s")
     print(f"built in bf16 in {build['build_s']:.1f} s: weights {build['weights_gb']:.2f} GiB, "
@@ -287,11 +306,12 @@ def main() -> None:
     print(table(ours, base, bound, {"none": "ours bf16", "int8": "ours int8", "packed": "ours packed"}[mode]))
 
     if args.preset == FULL_PRESET:
-        if args.quantize != "auto" and args.out == Path("benchmarks/results/e2e.json"):
-            args.out = Path(f"benchmarks/results/e2e-{args.quantize}.json")
+        if args.out == Path("benchmarks/results/e2e.json") and (device != "cpu" or args.quantize != "auto"):
+            args.out = Path(f"benchmarks/results/e2e-{device if device != 'cpu' else args.quantize}.json")
         results = {"preset": args.preset, "quantize": mode, "frames": frames, "question_tokens": args.question_tokens,
                    "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "read_bandwidth_gbs": bandwidth,
+                   "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
                    "matmul_gflops": {"bf16": rates[torch.bfloat16], "fp32": rates[torch.float32]},
                    "gflop": counted, "build": build, "ours": ours, "ours_bound": bound,
                    "baseline": base, "baseline_bound": base_bound}

@@ -146,8 +146,8 @@ class Engine:
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
                         quantize: str = "auto") -> Engine:
         """``quantize="int8"``: weight-only int8 for the LLM's linear layers; ``"packed"``: the
-        LLM's bf16 weights prepacked for oneDNN; ``"auto"``: packed for a bf16 model on a CPU
-        with native bf16, else none (see hilight.quantize)."""
+        LLM's bf16 weights prepacked for oneDNN; ``"auto"``: packed for a full-width bf16 model on
+        a CPU with native bf16, else none (see hilight.quantize.resolve_quantize)."""
         from hilight.checkpoint import load_checkpoint
         from hilight.quantize import QUANTIZE, quantize_llm, resolve_quantize
 
@@ -156,7 +156,7 @@ class Engine:
         # weights about to be packed or quantized are read into memory of our own, tensor by
         # tensor, not mapped: the file's pages would otherwise count on top (peak 11.4 -> 7.x GiB)
         model, tokenizer = load_checkpoint(path, dtype=dtype, device=device, mapped=quantize == "none")
-        mode = resolve_quantize(quantize, next(model.llm.parameters()).dtype, device)
+        mode = resolve_quantize(quantize, model, device)
         if mode != "none":
             if device != "cpu":
                 raise ValueError(f"--quantize {mode} runs on CPU only (torch's CPU kernels)")

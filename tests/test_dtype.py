@@ -85,7 +85,7 @@ def test_packed_llm_gives_the_same_answers(tmp_path, tokenizer):
         Engine.from_checkpoint(path, dtype=torch.float32, quantize="packed")
 
 
-def test_auto_packs_only_bf16_on_a_cpu_with_native_bf16(monkeypatch):
+def test_auto_packs_only_wide_bf16_models_on_a_cpu_with_native_bf16(monkeypatch, config):
     import pytest
 
     from hilight import quantize
@@ -94,14 +94,19 @@ def test_auto_packs_only_bf16_on_a_cpu_with_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     if not quantize._packing_works():
         pytest.skip("this torch build has no oneDNN bf16 linear")
-    assert resolve_quantize("auto", torch.bfloat16, "cpu") == "packed"
-    assert resolve_quantize("auto", torch.float32, "cpu") == "none"
-    assert resolve_quantize("auto", torch.bfloat16, "cuda") == "none"
-    assert resolve_quantize("int8", torch.float32, "cpu") == "int8"
+    narrow = HiLight(config).to(torch.bfloat16)
+    monkeypatch.setattr(quantize, "PACK_FROM_HIDDEN", config.llm.hidden_size)
+    assert resolve_quantize("auto", narrow, "cpu") == "packed"
+    assert resolve_quantize("auto", narrow, "cuda") == "none"
+    assert resolve_quantize("auto", HiLight(config), "cpu") == "none"  # fp32
+    assert resolve_quantize("int8", HiLight(config), "cpu") == "int8"
+    monkeypatch.setattr(quantize, "PACK_FROM_HIDDEN", config.llm.hidden_size + 1)
+    assert resolve_quantize("auto", narrow, "cpu") == "none"  # too narrow for packing to win
+    monkeypatch.setattr(quantize, "PACK_FROM_HIDDEN", config.llm.hidden_size)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert resolve_quantize("auto", torch.bfloat16, "cpu") == "none"  # oneDNN would emulate bf16: slower
+    assert resolve_quantize("auto", narrow, "cpu") == "none"  # oneDNN would emulate bf16
     with pytest.raises(ValueError, match="unknown quantization"):
-        resolve_quantize("int4", torch.bfloat16, "cpu")
+        resolve_quantize("int4", narrow, "cpu")
 
 
 def test_int8_linear_paths_agree_and_quantize_in_chunks():
