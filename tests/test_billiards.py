@@ -233,7 +233,7 @@ def test_inventory_questions_list_the_first_and_last_frames_balls():
     from hilight.synth.qa import inventory_qas
 
     qas = {qa.qtype: qa for qa in inventory_qas(["cue", "red", "blue"], ["cue", "blue"])}
-    assert qas["balls_start"].answer == "The cue, red and blue balls."
+    assert qas["balls_start"].answer == "The cue, blue and red balls."  # one fixed colour order
     assert qas["balls_end"].answer == "The cue and blue balls."
     assert qas["balls_gone"].answer == "The red ball." and qas["balls_gone"].truth == "red"
     assert {qa.answer for qa in inventory_qas(["cue"], ["cue"])} == {"The cue ball.", "No ball."}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hilight.synth.billiards import ShotTruth
+from hilight.synth.billiards import BALL_COLOURS, ShotTruth
 
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -167,6 +167,7 @@ def pair_qas(a: ShotTruth, b: ShotTruth, rng: np.random.Generator) -> list[QA]:
     return out
 
 
+LISTING_ORDER = ["cue", *BALL_COLOURS]
 INVENTORY_QUESTIONS = {
     "balls_start": "Which balls are on the table at the start?",
     "balls_end": "Which balls are on the table at the end?",
@@ -182,6 +183,10 @@ def inventory_qas(start: list[str], end: list[str]) -> list[QA]:
     def listing(balls: list[str]) -> str:
         if not balls:
             return "No ball."
+        # one fixed order (cue, then the colours as BALL_COLOURS lists them): a list is then a
+        # check of each colour in turn (in the tracks' own, random order, the model listed the
+        # first frame's balls exactly in 23 % of test clips)
+        balls = sorted(balls, key=LISTING_ORDER.index)
         named = ", ".join(balls[:-1]) + " and " + balls[-1] if len(balls) > 1 else balls[0]
         return f"The {named} ball{'s' if len(balls) > 1 else ''}."
 
