@@ -215,13 +215,13 @@ def _from_source(aligned: Path, target: Path, towers: str, seed: int, overrides:
     save_checkpoint(fresh, target, tokenizer)
 
 
-def _inventory_records(data: Path, video_cfg) -> list[dict]:
-    """The training-only inventory questions (hilight.synth.qa.inventory_qas) of every training
-    clip, read from its tracks at the first and last frame the model is shown."""
+def inventory_records(data: Path, video_cfg, split: str = "train") -> list[dict]:
+    """The training-only inventory questions (hilight.synth.qa.inventory_qas) of every clip of
+    ``split``, read from its tracks at the first and last frame the model is shown."""
     from hilight.align import frame_facts
     from hilight.synth.qa import inventory_qas
 
-    clips = json.loads((data / "train-captions.json").read_text())
+    clips = json.loads((data / f"{split}-captions.json").read_text())
     records = []
     for clip in clips:
         names = clip["tracks"]["names"]
@@ -286,7 +286,7 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget
     progress.step(STEPS[4], out / "features-complete", extract)
     # stage 2 trains on the questions plus the inventory questions of every training clip
     train_records = out / "stage2-train.json"
-    records = read_records(data / "train.json") + _inventory_records(data, read_config(aligned).video)
+    records = read_records(data / "train.json") + inventory_records(data, read_config(aligned).video)
     if budget.pack_questions:
         records = _packed_records(records, seed)
     train_records.write_text(json.dumps(records) + "\n")
