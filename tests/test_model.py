@@ -261,3 +261,51 @@ def test_released_layout_has_no_new_token_mining_parameters():
 
     cfg = TokenMiningConfig(video_dim=8, image_dim=6, llm_dim=10, queries_per_frame=3)
     assert set(TokenMining(cfg).state_dict()) == set(token_mining_state(cfg))  # the released key names, no more
+
+
+def test_cpu_decoding_attention_matches_sdpa():
+    """One new position per row (decoding) takes two plain products instead of the CPU flash
+    kernel: the same output, with a padding mask, grouped KV heads, bool or additive masks."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hilight.model import attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    query, key, value = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    allowed = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    allowed[0, ..., :3] = False  # row 0 is left-padded
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        for mask in (None, allowed, additive):
+            ours, _ = attention.attention(module, query, key, value, mask, scaling=0.25)
+            ref, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert HiLight(tiny_config()).llm.config._attn_implementation == attention.NAME
+
+
+def test_llm_attention_keeps_padding_masks_as_sdpa_does():
+    """The LLM's own attention name gets SDPA's masks: a left-padded batch gives SDPA's logits in
+    the prefill and in a decoding step."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = HiLight(config).eval()
+    ids = torch.randint(3, config.llm.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+
+    def logits():
+        with torch.no_grad():
+            full = model.llm(input_ids=ids, attention_mask=mask).logits
+            past = model.llm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+            step = model.llm(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=past, use_cache=True).logits
+        return full, step
+
+    ours = logits()
+    model.llm.set_attn_implementation("sdpa")
+    for a, b in zip(ours, logits(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    unmasked = model.llm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert not torch.allclose(unmasked[0], ours[0][0], atol=1e-3)  # the padding mask does change row 0

@@ -14,6 +14,7 @@ from transformers import GemmaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hilight.config import HiLightConfig, TrainableConfig
+from hilight.model import attention
 from hilight.model.clip_vip import CLIPViPVideoTower
 from hilight.model.long_clip import LongCLIPImageTower
 from hilight.model.token_mining import TokenMining
@@ -50,6 +51,7 @@ class HiLight(nn.Module):
         self.image_tower = LongCLIPImageTower(config.image_tower)
         self.token_mining = TokenMining(config.token_mining)
         self.llm = GemmaForCausalLM(config.llm.to_gemma())
+        self.llm.set_attn_implementation(attention.NAME)  # SDPA, with a faster CPU decoding step
         # In a prefill the LM head reads a slice (the last position) of the hidden states, a
         # [B, 1, D] view with the prompt's strides; torch's CPU matmul then takes the bmm path and
         # copies the whole transposed weight first (1 GB for Gemma's 256k vocabulary: 5.6 s of a
