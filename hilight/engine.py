@@ -107,8 +107,9 @@ def resolve_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return torch.bfloat16 if native else torch.float32
+    from hilight.quantize import cpu_has_native_bf16
+
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def default_model() -> Path:
@@ -153,9 +154,10 @@ class Engine:
 
         if quantize not in QUANTIZE:  # before the (long) load
             raise ValueError(f"unknown quantization {quantize!r} ({', '.join(QUANTIZE)})")
-        # weights about to be packed or quantized are read into memory of our own, tensor by
-        # tensor, not mapped: the file's pages would otherwise count on top (full hilight-2b
-        # packed: peak 11.4 -> 6.5 GiB)
+        # unless plain layers are asked for, the weights may be packed or quantized (auto decides
+        # once the model is built), so they are read into memory of our own tensor by tensor, not
+        # mapped: the file's pages would otherwise count on top (full hilight-2b packed: peak
+        # 11.4 -> 6.5 GiB)
         model, tokenizer = load_checkpoint(path, dtype=dtype, device=device, mapped=quantize == "none")
         mode = resolve_quantize(quantize, model, device)
         if mode != "none":

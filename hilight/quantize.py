@@ -33,10 +33,14 @@ def resolve_quantize(mode: str, model, device: str | torch.device) -> str:
         raise ValueError(f"unknown quantization {mode!r} ({', '.join(QUANTIZE)})")
     if mode != "auto":
         return mode
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     usable = (next(model.llm.parameters()).dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-              and model.config.llm.hidden_size >= PACK_FROM_HIDDEN and native and _packing_works())
+              and model.config.llm.hidden_size >= PACK_FROM_HIDDEN and cpu_has_native_bf16() and _packing_works())
     return "packed" if usable else "none"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX), as torch detects it."""
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
 @functools.cache
@@ -147,4 +151,3 @@ def quantize_llm(model, include_lm_head: bool = True, mode: str = "int8") -> int
     if include_lm_head and getattr(llm.config, "tie_word_embeddings", False):
         llm.config.tie_word_embeddings = False  # the head is its own copy now
     return len(targets)
-
