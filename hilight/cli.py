@@ -475,7 +475,8 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     from hilight.recipe import RecipeBudget, billiards_small, bundle
 
     given = {name: getattr(args, name) for name in ("clips", "align_steps", "image_align_steps", "stage1_steps",
-                                                    "stage2_steps") if getattr(args, name) is not None}
+                                                    "stage2_steps", "position_questions")
+             if getattr(args, name) is not None}
     budget = RecipeBudget(**given, pack_questions=args.pack_questions, facts_per_slot=args.facts_per_slot,
                           vlm_precision=args.vlm_precision)
     summary = billiards_small(args.out, seed=args.seed, budget=budget, workers=args.workers, towers=args.towers,
@@ -687,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TokenMining slot q of every frame is trained to stand for ball q "
                         "(with --set token_mining.queries_per_frame=<number of balls>)")
     p.add_argument("--vlm-precision", choices=["fp32", "bf16"], default="bf16", help="VLM stages' autocast")
+    p.add_argument("--position-questions", action=argparse.BooleanOptionalAction,
+                   help="stage 2 also trains on where each ball is at the start and was last seen "
+                        "(default: hilight/recipe.py RecipeBudget)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change the billiards-small model preset (repeatable)")
     p.add_argument("--workers", type=int, default=2)

@@ -65,10 +65,12 @@ class RecipeBudget:
     pack_questions: bool = False  # stage 2: a clip's single-video questions as one multi-turn conversation
     facts_per_slot: bool = False  # VLM stages: TokenMining slot q of every frame stands for ball q
     vlm_precision: str = "bf16"  # VLM stages' autocast: stage 2 1.6x faster than fp32 on AVX512-BF16 CPUs
+    position_questions: bool = False  # stage 2: training-only questions on where each ball is
 
 
 # what a run made before a budget field existed did, field by field (resuming such a run)
-BEFORE_FIELD = {"pack_questions": False, "facts_per_slot": False, "vlm_precision": "fp32", "tower_position_weight": 0.0}
+BEFORE_FIELD = {"pack_questions": False, "facts_per_slot": False, "vlm_precision": "fp32", "tower_position_weight": 0.0,
+                "position_questions": False}
 
 
 class RecipeError(ValueError):
@@ -215,20 +217,27 @@ def _from_source(aligned: Path, target: Path, towers: str, seed: int, overrides:
     save_checkpoint(fresh, target, tokenizer)
 
 
-def inventory_records(data: Path, video_cfg, split: str = "train") -> list[dict]:
+def inventory_records(data: Path, video_cfg, split: str = "train", positions: bool = False) -> list[dict]:
     """The training-only inventory questions (hilight.synth.qa.inventory_qas) of every clip of
-    ``split``, read from its tracks at the first and last frame the model is shown."""
+    ``split``, read from its tracks at the first and last frame the model is shown; with
+    ``positions``, the position questions (hilight.synth.qa.position_qas) too."""
     from hilight.align import frame_facts
-    from hilight.synth.qa import inventory_qas
+    from hilight.synth.qa import inventory_qas, position_qas
 
     clips = json.loads((data / f"{split}-captions.json").read_text())
     records = []
     for clip in clips:
         names = clip["tracks"]["names"]
-        present = frame_facts(clip["tracks"], names, video_cfg, grid=1)["present"]  # [T, N]
+        facts = frame_facts(clip["tracks"], names, video_cfg, grid=1)
+        present, xy = facts["present"], facts["xy"]  # [T, N], [T, N, 2]
         start = [n for k, n in enumerate(names) if present[0, k] > 0]
         end = [n for k, n in enumerate(names) if present[-1, k] > 0]
-        for qa in inventory_qas(start, end):
+        qas = inventory_qas(start, end)
+        if positions:
+            seen = {k: int(present[:, k].nonzero().max()) for k in range(len(names)) if present[0, k] > 0}
+            qas += position_qas({names[k]: tuple(xy[0, k].tolist()) for k in seen},
+                                {names[k]: tuple(xy[t, k].tolist()) for k, t in seen.items()})
+        for qa in qas:
             records.append({"id": f"{Path(clip['video']).stem}-{qa.qtype}", "video": clip["video"],
                             "conversations": [{"from": "human", "value": f"<video>\n{qa.question}"},
                                               {"from": "gpt", "value": qa.answer}],
@@ -286,7 +295,8 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget
     progress.step(STEPS[4], out / "features-complete", extract)
     # stage 2 trains on the questions plus the inventory questions of every training clip
     train_records = out / "stage2-train.json"
-    records = read_records(data / "train.json") + inventory_records(data, read_config(aligned).video)
+    records = read_records(data / "train.json") + inventory_records(data, read_config(aligned).video,
+                                                                    positions=budget.position_questions)
     if budget.pack_questions:
         records = _packed_records(records, seed)
     train_records.write_text(json.dumps(records) + "\n")

@@ -195,6 +195,35 @@ def inventory_qas(start: list[str], end: list[str]) -> list[QA]:
     return [QA(t, INVENTORY_QUESTIONS[t], listing(v), ",".join(v) or "none") for t, v in values.items()]
 
 
+POSITION_QUESTIONS = {
+    "where_start": "Where is each ball at the start?",
+    "where_last": "Where was each ball last seen?",
+}
+
+
+def region(x: float, y: float) -> str:
+    """The sixth of the frame a position (fractions of the frame) lies in, named like the pocket
+    there: ``top-left`` ... ``bottom-right``."""
+    return f"{'top' if y < 0.5 else 'bottom'}-{'left' if x < 1 / 3 else 'right' if x > 2 / 3 else 'middle'}"
+
+
+def position_qas(start: dict[str, tuple[float, float]], last: dict[str, tuple[float, float]]) -> list[QA]:
+    """Training-only questions that read positions: the region of every ball in the first frame
+    shown to the model, and where each was last seen (for a pocketed ball, the pocket's region).
+    ``start`` and ``last`` map a ball to its position. Like the inventory questions they teach
+    a small LLM to read its visual tokens (here: where a ball is), in the fixed colour order."""
+
+    def listing(where: dict[str, tuple[float, float]]) -> str:
+        if not where:
+            return "No ball."
+        balls = sorted(where, key=LISTING_ORDER.index)
+        return "; ".join(f"{b} ball: {region(*where[b]).replace('-', ' ')}" for b in balls).capitalize() + "."
+
+    values = {"where_start": start, "where_last": last}
+    return [QA(t, POSITION_QUESTIONS[t], listing(v), ",".join(f"{b}@{region(*v[b])}" for b in v) or "none")
+            for t, v in values.items()]
+
+
 def caption(truth: ShotTruth) -> str:
     """One free-text description of the clip (for video-text alignment)."""
     colours = [b.colour for b in truth.balls if b.colour != "cue"]
