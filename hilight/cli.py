@@ -475,7 +475,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     from hilight.recipe import RecipeBudget, billiards_small, bundle
 
     given = {name: getattr(args, name) for name in ("clips", "align_steps", "image_align_steps", "stage1_steps",
-                                                    "stage2_steps", "position_questions")
+                                                    "stage2_steps", "position_questions", "motion_question")
              if getattr(args, name) is not None}
     budget = RecipeBudget(**given, pack_questions=args.pack_questions, facts_per_slot=args.facts_per_slot,
                           vlm_precision=args.vlm_precision)
@@ -691,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-questions", action=argparse.BooleanOptionalAction,
                    help="stage 2 also trains on where each ball is at the start and was last seen "
                         "(default: hilight/recipe.py RecipeBudget)")
+    p.add_argument("--motion-question", action=argparse.BooleanOptionalAction,
+                   help="stage 2 also trains on which coloured balls moved (default: hilight/recipe.py RecipeBudget)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change the billiards-small model preset (repeatable)")
     p.add_argument("--workers", type=int, default=2)

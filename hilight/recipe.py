@@ -66,11 +66,12 @@ class RecipeBudget:
     facts_per_slot: bool = False  # VLM stages: TokenMining slot q of every frame stands for ball q
     vlm_precision: str = "bf16"  # VLM stages' autocast: stage 2 1.6x faster than fp32 on AVX512-BF16 CPUs
     position_questions: bool = False  # stage 2: training-only questions on where each ball is
+    motion_question: bool = False  # stage 2: training-only question which coloured balls moved
 
 
 # what a run made before a budget field existed did, field by field (resuming such a run)
 BEFORE_FIELD = {"pack_questions": False, "facts_per_slot": False, "vlm_precision": "fp32", "tower_position_weight": 0.0,
-                "position_questions": False}
+                "position_questions": False, "motion_question": False}
 
 
 class RecipeError(ValueError):
@@ -217,12 +218,19 @@ def _from_source(aligned: Path, target: Path, towers: str, seed: int, overrides:
     save_checkpoint(fresh, target, tokenizer)
 
 
-def inventory_records(data: Path, video_cfg, split: str = "train", positions: bool = False) -> list[dict]:
+# a ball moved if it left the table or its centre moved this far (fraction of the frame width,
+# about one pixel at 112 px) from where it was in the first frame
+MOVED = 0.01
+
+
+def inventory_records(data: Path, video_cfg, split: str = "train", positions: bool = False,
+                      motion: bool = False) -> list[dict]:
     """The training-only inventory questions (hilight.synth.qa.inventory_qas) of every clip of
     ``split``, read from its tracks at the first and last frame the model is shown; with
-    ``positions``, the position questions (hilight.synth.qa.position_qas) too."""
+    ``positions``, the position questions (hilight.synth.qa.position_qas) too, with ``motion``
+    the question which coloured balls moved (hilight.synth.qa.motion_qa)."""
     from hilight.align import frame_facts
-    from hilight.synth.qa import inventory_qas, position_qas
+    from hilight.synth.qa import inventory_qas, motion_qa, position_qas
 
     clips = json.loads((data / f"{split}-captions.json").read_text())
     records = []
@@ -237,6 +245,10 @@ def inventory_records(data: Path, video_cfg, split: str = "train", positions: bo
             seen = {k: int(present[:, k].nonzero().max()) for k in range(len(names)) if present[0, k] > 0}
             qas += position_qas({names[k]: tuple(xy[0, k].tolist()) for k in seen},
                                 {names[k]: tuple(xy[t, k].tolist()) for k, t in seen.items()})
+        if motion:
+            shift = ((xy - xy[0]).norm(dim=-1) * present).amax(dim=0)  # [N], over the frames a ball is seen
+            qas.append(motion_qa([n for k, n in enumerate(names) if n != "cue" and present[0, k] > 0
+                                  and (present[-1, k] == 0 or shift[k] > MOVED)]))
         for qa in qas:
             records.append({"id": f"{Path(clip['video']).stem}-{qa.qtype}", "video": clip["video"],
                             "conversations": [{"from": "human", "value": f"<video>\n{qa.question}"},
@@ -296,7 +308,8 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget
     # stage 2 trains on the questions plus the inventory questions of every training clip
     train_records = out / "stage2-train.json"
     records = read_records(data / "train.json") + inventory_records(data, read_config(aligned).video,
-                                                                    positions=budget.position_questions)
+                                                                    positions=budget.position_questions,
+                                                                    motion=budget.motion_question)
     if budget.pack_questions:
         records = _packed_records(records, seed)
     train_records.write_text(json.dumps(records) + "\n")

@@ -251,6 +251,10 @@ def test_position_questions_name_each_balls_region_in_the_fixed_order():
     assert qas["where_last"].answer == "Cue ball: bottom left; red ball: top right."
     assert set(qas["where_last"].truth.split(",")) == {"red@top-right", "cue@bottom-left"}
     assert {qa.answer for qa in position_qas({}, {})} == {"No ball."}
+    from hilight.synth.qa import motion_qa
+
+    assert motion_qa(["red", "yellow"]).answer == "The yellow and red balls."
+    assert motion_qa([]).answer == "No ball." and motion_qa([]).truth == "none"
 
 
 def test_position_records_read_the_tracks_at_the_models_frames(tmp_path):
@@ -262,9 +266,15 @@ def test_position_records_read_the_tracks_at_the_models_frames(tmp_path):
 
     generate_split(tmp_path, "train", 6, seed=3, workers=1)
     video = preset("billiards-small").video
-    records = inventory_records(tmp_path, video, "train", positions=True)
+    records = inventory_records(tmp_path, video, "train", positions=True, motion=True)
     plain = inventory_records(tmp_path, video, "train")
-    assert len(records) == 6 * 5 and len(plain) == 6 * 3
+    assert len(records) == 6 * 6 and len(plain) == 6 * 3
+    truth = json.loads((tmp_path / "train-truth.json").read_text())
+    moved = [r for r in records if r["meta"]["types"] == ["balls_moved"]]
+    assert len(moved) == 6 and any(truth[r["video"]]["first_contact"] for r in moved)
+    for rec in moved:  # the ball the cue ball hit first always moved
+        first = truth[rec["video"]]["first_contact"]
+        assert first is None or first in rec["meta"]["truth"][0].split(","), rec
     clips = {c["video"]: c for c in json.loads((tmp_path / "train-captions.json").read_text())}
     for rec in records:
         if rec["meta"]["types"] == ["where_start"]:

@@ -175,24 +175,33 @@ INVENTORY_QUESTIONS = {
 }
 
 
+def _listing(balls: list[str]) -> str:
+    """"The cue, blue and red balls." in one fixed order (cue, then the colours as BALL_COLOURS
+    lists them): a list is then a check of each colour in turn (in the tracks' own, random
+    order, the model listed the first frame's balls exactly in 23 % of test clips)."""
+    if not balls:
+        return "No ball."
+    balls = sorted(balls, key=LISTING_ORDER.index)
+    named = ", ".join(balls[:-1]) + " and " + balls[-1] if len(balls) > 1 else balls[0]
+    return f"The {named} ball{'s' if len(balls) > 1 else ''}."
+
+
 def inventory_qas(start: list[str], end: list[str]) -> list[QA]:
     """Training-only questions that read single frames: which balls the first and the last
     frame shown to the model hold, and which left the table in between. They teach a small LLM
     where in the visual tokens the balls are; the evaluation never asks them."""
-
-    def listing(balls: list[str]) -> str:
-        if not balls:
-            return "No ball."
-        # one fixed order (cue, then the colours as BALL_COLOURS lists them): a list is then a
-        # check of each colour in turn (in the tracks' own, random order, the model listed the
-        # first frame's balls exactly in 23 % of test clips)
-        balls = sorted(balls, key=LISTING_ORDER.index)
-        named = ", ".join(balls[:-1]) + " and " + balls[-1] if len(balls) > 1 else balls[0]
-        return f"The {named} ball{'s' if len(balls) > 1 else ''}."
-
     gone = [b for b in start if b not in end]
     values = {"balls_start": start, "balls_end": end, "balls_gone": gone}
-    return [QA(t, INVENTORY_QUESTIONS[t], listing(v), ",".join(v) or "none") for t, v in values.items()]
+    return [QA(t, INVENTORY_QUESTIONS[t], _listing(v), ",".join(v) or "none") for t, v in values.items()]
+
+
+MOTION_QUESTION = "Which coloured balls moved?"
+
+
+def motion_qa(moved: list[str]) -> QA:
+    """Training-only: the coloured balls that moved or left the table during the frames shown.
+    In half of the clips one ball moved, the one the cue ball hit first."""
+    return QA("balls_moved", MOTION_QUESTION, _listing(moved), ",".join(moved) or "none")
 
 
 POSITION_QUESTIONS = {
