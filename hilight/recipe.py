@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -67,11 +68,13 @@ class RecipeBudget:
     vlm_precision: str = "bf16"  # VLM stages' autocast: stage 2 1.6x faster than fp32 on AVX512-BF16 CPUs
     position_questions: bool = False  # stage 2: training-only questions on where each ball is
     motion_question: bool = False  # stage 2: training-only question which coloured balls moved
+    cue_path_question: bool = False  # stage 2: training-only question how the cue ball moves frame to frame
 
 
 # what a run made before a budget field existed did, field by field (resuming such a run)
 BEFORE_FIELD = {"pack_questions": False, "facts_per_slot": False, "vlm_precision": "fp32", "tower_position_weight": 0.0,
-                "position_questions": False, "motion_question": False}
+                "position_questions": False, "motion_question": False,
+                "cue_path_question": False}
 
 
 class RecipeError(ValueError):
@@ -224,13 +227,15 @@ MOVED = 0.01
 
 
 def inventory_records(data: Path, video_cfg, split: str = "train", positions: bool = False,
-                      motion: bool = False) -> list[dict]:
+                      motion: bool = False, cue_path: bool = False) -> list[dict]:
     """The training-only inventory questions (hilight.synth.qa.inventory_qas) of every clip of
     ``split``, read from its tracks at the first and last frame the model is shown; with
     ``positions``, the position questions (hilight.synth.qa.position_qas) too, with ``motion``
-    the question which coloured balls moved (hilight.synth.qa.motion_qa)."""
+    the question which coloured balls moved (hilight.synth.qa.motion_qa), with ``cue_path``
+    the cue ball's step between each two frames (hilight.synth.qa.cue_path_qa)."""
     from hilight.align import frame_facts
-    from hilight.synth.qa import inventory_qas, motion_qa, position_qas
+    from hilight.synth.billiards import direction_name
+    from hilight.synth.qa import cue_path_qa, inventory_qas, motion_qa, position_qas
 
     clips = json.loads((data / f"{split}-captions.json").read_text())
     records = []
@@ -249,6 +254,14 @@ def inventory_records(data: Path, video_cfg, split: str = "train", positions: bo
             shift = ((xy - xy[0]).norm(dim=-1) * present).amax(dim=0)  # [N], over the frames a ball is seen
             qas.append(motion_qa([n for k, n in enumerate(names) if n != "cue" and present[0, k] > 0
                                   and (present[-1, k] == 0 or shift[k] > MOVED)]))
+        if cue_path:
+            cue = names.index("cue")
+            steps = []
+            for t in range(1, len(xy)):
+                dx, dy = (xy[t, cue] - xy[t - 1, cue]).tolist()
+                steps.append("gone" if not present[t, cue] else "still" if math.hypot(dx, dy) <= MOVED
+                             else direction_name(dx, dy))
+            qas.append(cue_path_qa(steps))
         for qa in qas:
             records.append({"id": f"{Path(clip['video']).stem}-{qa.qtype}", "video": clip["video"],
                             "conversations": [{"from": "human", "value": f"<video>\n{qa.question}"},
@@ -309,7 +322,8 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget
     train_records = out / "stage2-train.json"
     records = read_records(data / "train.json") + inventory_records(data, read_config(aligned).video,
                                                                     positions=budget.position_questions,
-                                                                    motion=budget.motion_question)
+                                                                    motion=budget.motion_question,
+                                                                    cue_path=budget.cue_path_question)
     if budget.pack_questions:
         records = _packed_records(records, seed)
     train_records.write_text(json.dumps(records) + "\n")

@@ -10,6 +10,7 @@ from hilight.scoring import exact_match, extract, token_f1
 from hilight.synth.billiards import (
     BALL_COLOURS,
     CUE_COLOUR,
+    DIRECTIONS,
     Ball,
     Simulation,
     TableConfig,
@@ -255,6 +256,10 @@ def test_position_questions_name_each_balls_region_in_the_fixed_order():
 
     assert motion_qa(["red", "yellow"]).answer == "The yellow and red balls."
     assert motion_qa([]).answer == "No ball." and motion_qa([]).truth == "none"
+    from hilight.synth.qa import cue_path_qa
+
+    path = cue_path_qa(["top-left", "right", "still", "gone"])
+    assert path.answer == "Top left, right, still, gone." and path.truth == "top-left,right,still,gone"
 
 
 def test_position_records_read_the_tracks_at_the_models_frames(tmp_path):
@@ -266,15 +271,22 @@ def test_position_records_read_the_tracks_at_the_models_frames(tmp_path):
 
     generate_split(tmp_path, "train", 6, seed=3, workers=1)
     video = preset("billiards-small").video
-    records = inventory_records(tmp_path, video, "train", positions=True, motion=True)
+    records = inventory_records(tmp_path, video, "train", positions=True, motion=True, cue_path=True)
     plain = inventory_records(tmp_path, video, "train")
-    assert len(records) == 6 * 6 and len(plain) == 6 * 3
+    assert len(records) == 6 * 7 and len(plain) == 6 * 3
     truth = json.loads((tmp_path / "train-truth.json").read_text())
     moved = [r for r in records if r["meta"]["types"] == ["balls_moved"]]
     assert len(moved) == 6 and any(truth[r["video"]]["first_contact"] for r in moved)
     for rec in moved:  # the ball the cue ball hit first always moved
         first = truth[rec["video"]]["first_contact"]
         assert first is None or first in rec["meta"]["truth"][0].split(","), rec
+    for rec in records:  # the cue ball's first step is (nearly always) its direction
+        if rec["meta"]["types"] == ["cue_path"]:
+            steps = rec["meta"]["truth"][0].split(",")
+            assert len(steps) == video.num_frames - 1 and set(steps) <= {*DIRECTIONS, "still", "gone"}
+    firsts = [(r["meta"]["truth"][0].split(",")[0], truth[r["video"]]["cue_direction"]) for r in records
+              if r["meta"]["types"] == ["cue_path"]]
+    assert sum(a == b for a, b in firsts) >= len(firsts) - 2, firsts
     clips = {c["video"]: c for c in json.loads((tmp_path / "train-captions.json").read_text())}
     for rec in records:
         if rec["meta"]["types"] == ["where_start"]:

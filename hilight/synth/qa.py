@@ -233,6 +233,18 @@ def position_qas(start: dict[str, tuple[float, float]], last: dict[str, tuple[fl
             for t, v in values.items()]
 
 
+CUE_PATH_QUESTION = "How does the cue ball move from frame to frame?"
+
+
+def cue_path_qa(steps: list[str]) -> QA:
+    """Training-only: the cue ball's step between each two frames shown, as a direction
+    (``direction_name``), ``still`` or ``gone``. The first step is the cue ball's direction,
+    and reversals between steps are its cushions, the two question types a small LLM learns
+    least from the answers alone."""
+    words = [s.replace("-", " ") for s in steps]
+    return QA("cue_path", CUE_PATH_QUESTION, (", ".join(words) + ".").capitalize(), ",".join(steps))
+
+
 def caption(truth: ShotTruth) -> str:
     """One free-text description of the clip (for video-text alignment)."""
     colours = [b.colour for b in truth.balls if b.colour != "cue"]
