@@ -91,6 +91,11 @@ class TokenMiningConfig:
     # added to TokenMining's output, so the LLM can address "slot q of the first frame" by content
     # as well as through its relative positions. N must equal video.num_frames.
     token_positions: int = 0
+    # False in the original. True (needs frame_local): every patch token's value also carries
+    # where the patch is (a fixed 2-D sine/cosine code of its row and column through a learned
+    # linear map), so a query that attends to one ball's patch returns where that ball is, not
+    # only what the patch looks like.
+    patch_positions: bool = False
 
 
 @dataclass

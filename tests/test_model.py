@@ -246,6 +246,37 @@ def test_token_positions_mark_every_frame_and_slot():
         HiLightConfig(token_mining=TokenMiningConfig(token_positions=4), video=VideoInputConfig(num_frames=8))
 
 
+def test_patch_positions_tell_where_the_attended_patch_is():
+    """Attention alone is blind to where a key is: the same odd patch moved elsewhere in its
+    frame gives the same output. With patch_positions the output says where it is."""
+    from hilight.config import TokenMiningConfig
+    from hilight.model.token_mining import PATCH_CODE_DIM, TokenMining
+
+    torch.manual_seed(0)
+    glob, frames, side = 2, 3, 4
+    video = torch.zeros(1, glob + frames * side * side, 8)
+    video[:, :glob] = torch.randn(glob, 8)
+    moved = video.clone()
+    ball = torch.randn(8) * 3
+    video[0, glob + 5], moved[0, glob + 10] = ball, ball  # frame 0: patch (1, 1) vs patch (2, 2)
+    embeds = torch.randn(1, frames, 6)
+    outputs = {}
+    for on in (False, True):
+        tm = TokenMining(TokenMiningConfig(video_dim=8, image_dim=6, llm_dim=10, queries_per_frame=3,
+                                           frame_local=True, slot_queries=True, patch_positions=on))
+        with torch.no_grad():
+            outputs[on] = (tm(video, embeds, glob), tm(moved, embeds, glob))
+    torch.testing.assert_close(*outputs[False])
+    assert not torch.allclose(outputs[True][0][:, :3], outputs[True][1][:, :3], atol=1e-4)
+    torch.testing.assert_close(outputs[True][0][:, 3:], outputs[True][1][:, 3:])  # other frames unchanged
+    codes = tm.patch_codes(video.shape[1], frames, glob)
+    assert codes.shape == (video.shape[1], PATCH_CODE_DIM) and not codes[:glob].any()
+    assert len({tuple(c.tolist()) for c in codes[glob:glob + side * side]}) == side * side
+    torch.testing.assert_close(codes[glob:glob + side * side], codes[glob + side * side:glob + 2 * side * side])
+    with pytest.raises(ValueError, match="needs frame_local"):
+        TokenMining(TokenMiningConfig(patch_positions=True))
+
+
 def test_clip_wide_token_mining_mixes_all_frames():
     tm = _mining(frame_local=False)
     video, embeds = torch.randn(1, 22, 8), torch.randn(1, 4, 6)
