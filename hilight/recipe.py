@@ -73,8 +73,7 @@ class RecipeBudget:
 
 # what a run made before a budget field existed did, field by field (resuming such a run)
 BEFORE_FIELD = {"pack_questions": False, "facts_per_slot": False, "vlm_precision": "fp32", "tower_position_weight": 0.0,
-                "position_questions": False, "motion_question": False,
-                "cue_path_question": False}
+                "position_questions": False, "motion_question": False, "cue_path_question": False}
 
 
 class RecipeError(ValueError):
@@ -256,12 +255,10 @@ def inventory_records(data: Path, video_cfg, split: str = "train", positions: bo
                                   and (present[-1, k] == 0 or shift[k] > MOVED)]))
         if cue_path:
             cue = names.index("cue")
-            steps = []
-            for t in range(1, len(xy)):
-                dx, dy = (xy[t, cue] - xy[t - 1, cue]).tolist()
-                steps.append("gone" if not present[t, cue] else "still" if math.hypot(dx, dy) <= MOVED
-                             else direction_name(dx, dy))
-            qas.append(cue_path_qa(steps))
+            steps = (xy[1:, cue] - xy[:-1, cue]).tolist()  # [T - 1] of (dx, dy)
+            qas.append(cue_path_qa(["gone" if not on else "still" if math.hypot(dx, dy) <= MOVED
+                                    else direction_name(dx, dy)
+                                    for on, (dx, dy) in zip(present[1:, cue].tolist(), steps, strict=True)]))
         for qa in qas:
             records.append({"id": f"{Path(clip['video']).stem}-{qa.qtype}", "video": clip["video"],
                             "conversations": [{"from": "human", "value": f"<video>\n{qa.question}"},

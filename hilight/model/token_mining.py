@@ -20,7 +20,7 @@ PATCH_CODE_DIM = 32  # patch_positions: 8 frequencies x (sine, cosine) x (column
 class TokenMining(nn.Module):
     """``forward(video_tokens [B, S, Dv], frame_embeds [B, T, Di]) -> [B, T*Q, D_llm]``.
 
-    The two options of :class:`TokenMiningConfig` (both off for the released weights) add a
+    The options of :class:`TokenMiningConfig` (all off for the released weights) add a
     learned ``slot_queries`` [Q, Di] to every frame's queries and restrict each frame's queries
     to its own patch tokens (``frame_local``); ``token_positions`` adds a learned
     ``token_positions`` [T*Q, D_llm] to the output, one vector per frame and slot;
