@@ -476,7 +476,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     given = {name: getattr(args, name) for name in ("clips", "align_steps", "image_align_steps", "stage1_steps",
                                                     "stage2_steps", "position_questions", "motion_question",
-                                                    "cue_path_question")
+                                                    "cue_path_question", "facts_attention")
              if getattr(args, name) is not None}
     budget = RecipeBudget(**given, pack_questions=args.pack_questions, facts_per_slot=args.facts_per_slot,
                           vlm_precision=args.vlm_precision)
@@ -697,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cue-path-question", action=argparse.BooleanOptionalAction,
                    help="stage 2 also trains on the cue ball's step between each two frames "
                         "(default: hilight/recipe.py RecipeBudget)")
+    p.add_argument("--facts-attention", action=argparse.BooleanOptionalAction,
+                   help="the VLM stages' frame-facts head reads each ball by attention over a frame's tokens, "
+                        "as the LLM can, instead of all tokens side by side (default: hilight/recipe.py RecipeBudget)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change the billiards-small model preset (repeatable)")
     p.add_argument("--workers", type=int, default=2)

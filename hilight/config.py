@@ -320,6 +320,8 @@ class TrainConfig(LoopConfig):
     # one TokenMining slot per object (queries_per_frame == number of objects): slot q of every
     # frame alone is read for object q's presence and position
     frame_facts_per_slot: bool = False
+    # the head reads each object by attention over a frame's tokens, as the LLM can (not by slot order)
+    frame_facts_attention: bool = False
     lm_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -330,6 +332,8 @@ class TrainConfig(LoopConfig):
             raise ConfigError("frame_facts_weight and lm_weight must be >= 0")
         if self.frame_facts_weight and not self.data.facts:
             raise ConfigError("frame_facts_weight needs data.facts (files with each video's ball tracks)")
+        if self.frame_facts_per_slot and self.frame_facts_attention:
+            raise ConfigError("frame_facts_per_slot and frame_facts_attention exclude each other")
         if self.lm_weight == 0 and (not self.frame_facts_weight or self.trainable.llm or self.lora.enabled):
             raise ConfigError("lm_weight 0 trains TokenMining on the frame facts alone: it needs frame_facts_weight "
                               "and no LLM training")

@@ -65,6 +65,7 @@ class RecipeBudget:
     align_precision: str = "bf16"  # autocast: 1.4x faster alignment steps on AVX512-BF16 CPUs
     pack_questions: bool = False  # stage 2: a clip's single-video questions as one multi-turn conversation
     facts_per_slot: bool = False  # VLM stages: TokenMining slot q of every frame stands for ball q
+    facts_attention: bool = False  # VLM stages: the frame-facts head reads each ball by attention
     vlm_precision: str = "bf16"  # VLM stages' autocast: stage 2 1.6x faster than fp32 on AVX512-BF16 CPUs
     position_questions: bool = False  # stage 2: training-only questions on where each ball is
     motion_question: bool = False  # stage 2: training-only question which coloured balls moved
@@ -73,7 +74,8 @@ class RecipeBudget:
 
 # what a run made before a budget field existed did, field by field (resuming such a run)
 BEFORE_FIELD = {"pack_questions": False, "facts_per_slot": False, "vlm_precision": "fp32", "tower_position_weight": 0.0,
-                "position_questions": False, "motion_question": False, "cue_path_question": False}
+                "position_questions": False, "motion_question": False, "cue_path_question": False,
+                "facts_attention": False}
 
 
 class RecipeError(ValueError):
@@ -338,7 +340,8 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, seed: int, budget
                           max_steps=steps, batch_size=budget.batch_size, lr=lr, warmup_ratio=0.03,
                           eval_every=max(1, steps // 4), save_every=steps, max_length=512, seed=seed,
                           frame_facts_weight=budget.frame_facts_weight, lm_weight=lm_weight,
-                          frame_facts_per_slot=budget.facts_per_slot, precision=budget.vlm_precision)
+                          frame_facts_per_slot=budget.facts_per_slot, frame_facts_attention=budget.facts_attention,
+                          precision=budget.vlm_precision)
         progress.step(name, out / folder / "final" / "config.json", lambda cfg=cfg: train(cfg))
     return out / "stage2" / "final"
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_EXTRA = "extra_weights.safetensors"  # non-LoRA weights trained with the adapter (TokenMining)
 FACTS_HEAD = "frame_facts_head.safetensors"  # the training-only frame-facts head, for the next stage
+READOUT_HEADS, READOUT_DIM = 4, 32  # the attention readout of the frame-facts head: heads, width per head
 
 
 class MinedFacts(nn.Module):
@@ -48,19 +49,36 @@ class MinedFacts(nn.Module):
     needs the video even while the LLM cannot use one yet; it is never part of the model.
 
     ``per_slot`` (one query slot per object, Q == C): slot k alone says whether object k is
-    shown and where, so each of a frame's visual tokens stands for one named ball."""
+    shown and where, so each of a frame's visual tokens stands for one named ball.
 
-    def __init__(self, names: list[str], queries_per_frame: int, llm_dim: int, per_slot: bool = False):
+    ``attention``: each object is read the way an LLM attention head can read it: a learned
+    query per object and head attends over the frame's Q tokens (RMS-normalised, as the LLM
+    sees them) and the attended values say whether it is there and where. The readout cannot
+    tell the slots apart by their order, so TokenMining must put an object's facts where its
+    content can find them (the default reads all Q tokens side by side, slot order included)."""
+
+    def __init__(self, names: list[str], queries_per_frame: int, llm_dim: int, per_slot: bool = False,
+                 attention: bool = False):
         super().__init__()
         if per_slot and queries_per_frame != len(names):
             raise ValueError(f"per-slot frame facts need one query per object: {queries_per_frame} queries per "
                              f"frame, {len(names)} objects ({', '.join(names)})")
+        if per_slot and attention:
+            raise ValueError("frame facts are read per slot or by attention, not both")
         self.names = names
         self.queries_per_frame = queries_per_frame
         self.per_slot = per_slot
+        self.attention = attention
         if per_slot:
             self.slot_weight = nn.Parameter(torch.randn(len(names), llm_dim, 3) / math.sqrt(llm_dim))
             self.slot_bias = nn.Parameter(torch.zeros(len(names), 3))
+        elif attention:
+            width = READOUT_HEADS * READOUT_DIM
+            self.keys = nn.Linear(llm_dim, width, bias=False)
+            self.values = nn.Linear(llm_dim, width, bias=False)
+            self.object_queries = nn.Parameter(torch.randn(len(names), READOUT_HEADS, READOUT_DIM))
+            self.object_out = nn.Parameter(torch.randn(len(names), width, 3) / math.sqrt(width))
+            self.object_bias = nn.Parameter(torch.zeros(len(names), 3))
         else:
             self.head = nn.Linear(queries_per_frame * llm_dim, 3 * len(names))
 
@@ -70,6 +88,13 @@ class MinedFacts(nn.Module):
         if self.per_slot:
             slots = video_embeds.float().view(v, tq // self.queries_per_frame, self.queries_per_frame, d)
             return (torch.einsum("vtcd,cdk->vtck", slots, self.slot_weight) + self.slot_bias).transpose(2, 3)
+        if self.attention:
+            slots = F.rms_norm(video_embeds.float(), (d,)).view(v, tq // self.queries_per_frame, self.queries_per_frame, d)
+            keys = self.keys(slots).unflatten(-1, (READOUT_HEADS, READOUT_DIM))  # [V, T, Q, H, E]
+            values = self.values(slots).unflatten(-1, (READOUT_HEADS, READOUT_DIM))
+            weights = (torch.einsum("vtqhe,che->vtchq", keys, self.object_queries) / math.sqrt(READOUT_DIM)).softmax(-1)
+            read = torch.einsum("vtchq,vtqhe->vtche", weights, values).flatten(-2)  # [V, T, C, H*E]
+            return (torch.einsum("vtcf,cfk->vtck", read, self.object_out) + self.object_bias).transpose(2, 3)
         frames = video_embeds.reshape(v, tq // self.queries_per_frame, self.queries_per_frame * d)
         return self.head(frames.float()).view(v, -1, 3, len(self.names))
 
@@ -222,7 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             raise ValueError(f"{', '.join(cfg.data.facts)}: no ball tracks for {missing[0].name} "
                              f"({len(set(missing))} training video(s) without)")
         head = MinedFacts(names, model.config.token_mining.queries_per_frame, model.config.llm.hidden_size,
-                          per_slot=cfg.frame_facts_per_slot)
+                          per_slot=cfg.frame_facts_per_slot, attention=cfg.frame_facts_attention)
         if head.load_if_matching(Path(cfg.model) / FACTS_HEAD):
             log.info("frame-facts head continued from %s", cfg.model)
         trainee = FactsTrainee(model, head, cfg.lm_weight, cfg.frame_facts_weight)

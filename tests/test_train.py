@@ -294,6 +294,28 @@ def test_per_slot_frame_facts_read_each_object_from_its_own_slot():
         MinedFacts(["blue", "cue", "red"], 4, 4, per_slot=True)
 
 
+def test_attention_frame_facts_read_objects_by_content_not_by_slot_order():
+    from hilight.train import MinedFacts
+
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 2 * 3, 8)  # 2 videos, 2 frames of 3 slots
+    shuffled = embeds.view(2, 2, 3, 8)[:, :, [2, 0, 1]].reshape(2, 6, 8)  # each frame's slots in another order
+    attention = MinedFacts(["blue", "cue", "red"], 3, 8, attention=True)
+    assert torch.allclose(attention.predict(embeds), attention.predict(shuffled), atol=1e-5)
+    concat = MinedFacts(["blue", "cue", "red"], 3, 8)
+    assert not torch.allclose(concat.predict(embeds), concat.predict(shuffled), atol=1e-3)
+    # a frame's facts stay its own: changing frame 1 of video 0 moves only that frame's predictions
+    changed = embeds.clone()
+    changed[0, 4] += 1.0
+    moved = (attention.predict(changed) - attention.predict(embeds)).abs().sum(dim=(2, 3))  # [V, T]
+    assert moved[0, 1] > 1e-4 and moved.sum() == moved[0, 1]
+    present = torch.tensor([[[1.0, 0.0, 1.0]] * 2] * 2)
+    attention.loss(embeds, present, torch.rand(2, 2, 3, 2)).backward()
+    assert attention.object_queries.grad.abs().sum() > 0 and attention.keys.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="per slot or by attention, not both"):
+        MinedFacts(["blue", "cue", "red"], 3, 8, per_slot=True, attention=True)
+
+
 def test_a_frame_facts_head_of_another_kind_is_not_continued(tmp_path, caplog):
     from hilight.train import MinedFacts
 
@@ -311,6 +333,8 @@ def test_frame_facts_config_errors(workspace, tmp_path):
         _config(workspace, "x", frame_facts_weight="1")
     with pytest.raises(ConfigError, match="no LLM training"):
         _facts_config(workspace, "x", workspace / "base", lm_weight=0.0, llm=True)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        _config(workspace, "x", frame_facts_per_slot="true", frame_facts_attention="true")
     captions = json.loads((workspace / "bil" / "train-captions.json").read_text())
     (tmp_path / "few.json").write_text(json.dumps(captions[:2]))
     cfg = _facts_config(workspace, "facts-missing", workspace / "base", lm_weight=0.0, llm=False)
