@@ -41,9 +41,12 @@ def main() -> None:
     data = args.run / "data"
     names = sorted({n for c in json.loads((data / "train-captions.json").read_text()) for n in c["tracks"]["names"]})
     tm = model.config.token_mining
-    head = MinedFacts(names, tm.queries_per_frame, tm.llm_dim)
-    if not head.load_if_matching(args.model / FACTS_HEAD):
-        raise SystemExit(f"{args.model}: no matching {FACTS_HEAD}")
+    if not (args.model / FACTS_HEAD).is_file():
+        raise SystemExit(f"{args.model}: no {FACTS_HEAD}")
+    try:
+        head = MinedFacts.saved(args.model / FACTS_HEAD, names, tm.queries_per_frame, tm.llm_dim)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     answers, presence, last_frame = {}, [], []
     with torch.no_grad():
         for clip in json.loads((data / f"{args.split}-captions.json").read_text()):

@@ -111,6 +111,16 @@ class MinedFacts(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path,
                   metadata={"names": json.dumps(self.names)})
 
+    @classmethod
+    def saved(cls, path: Path, names: list[str], queries_per_frame: int, llm_dim: int) -> MinedFacts:
+        """The head saved at ``path``, of whichever kind it was trained (for reading it back)."""
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+        head = cls(names, queries_per_frame, llm_dim, per_slot="slot_weight" in keys, attention="object_queries" in keys)
+        if not head.load_if_matching(path):
+            raise ValueError(f"{path}: a frame-facts head for other objects or sizes")
+        return head
+
     def load_if_matching(self, path: Path) -> bool:
         """Continue a previous stage's head (same objects and shapes); False if there is none."""
         if not path.is_file():

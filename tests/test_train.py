@@ -324,6 +324,11 @@ def test_a_frame_facts_head_of_another_kind_is_not_continued(tmp_path, caplog):
         assert not MinedFacts(["blue", "cue", "red"], 3, 4, per_slot=True).load_if_matching(tmp_path / "head.safetensors")
     assert "starting a fresh one" in caplog.text
     assert MinedFacts(["blue", "cue", "red"], 3, 4).load_if_matching(tmp_path / "head.safetensors")
+    MinedFacts(["blue", "cue", "red"], 3, 4, attention=True).save(tmp_path / "attention.safetensors")
+    assert MinedFacts.saved(tmp_path / "attention.safetensors", ["blue", "cue", "red"], 3, 4).attention
+    assert not MinedFacts.saved(tmp_path / "head.safetensors", ["blue", "cue", "red"], 3, 4).attention
+    with pytest.raises(ValueError, match="for other objects or sizes"):
+        MinedFacts.saved(tmp_path / "head.safetensors", ["blue", "cue"], 3, 4)
 
 
 def test_frame_facts_config_errors(workspace, tmp_path):
