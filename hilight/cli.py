@@ -474,7 +474,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     from hilight.recipe import RecipeBudget, billiards_small, bundle
 
-    given = {name: getattr(args, name) for name in ("clips", "align_steps", "image_align_steps", "stage1_steps",
+    given = {name: getattr(args, name) for name in ("clips", "train_clips", "align_steps", "image_align_steps", "stage1_steps",
                                                     "stage2_steps", "position_questions", "motion_question",
                                                     "cue_path_question", "facts_attention")
              if getattr(args, name) is not None}
@@ -680,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["billiards-small"])
     p.add_argument("--out", type=Path, default=Path("runs/recipe"))
     p.add_argument("--seed", type=int, default=0)
-    for name in ("clips", "align-steps", "image-align-steps", "stage1-steps", "stage2-steps"):
+    for name in ("clips", "train-clips", "align-steps", "image-align-steps", "stage1-steps", "stage2-steps"):
         p.add_argument(f"--{name}", type=int, help="budget (default: hilight/recipe.py RecipeBudget)")
     p.add_argument("--pack-questions", action="store_true",
                    help="stage 2 reads each clip's questions as one multi-turn conversation "

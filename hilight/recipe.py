@@ -52,6 +52,9 @@ SOURCE_STEPS = ("2 model from the source run's towers", *STEPS[4:])
 @dataclass
 class RecipeBudget:
     clips: int = 3000
+    # 0: the training split is 80 % of ``clips``; more: that many training clips, val and test
+    # still 10 % of ``clips`` each (the first 80 % are the same clips either way)
+    train_clips: int = 0
     align_steps: int = 600
     image_align_steps: int = 300
     stage1_steps: int = 1500
@@ -71,11 +74,22 @@ class RecipeBudget:
     motion_question: bool = False  # stage 2: training-only question which coloured balls moved
     cue_path_question: bool = False  # stage 2: training-only question how the cue ball moves frame to frame
 
+    def split_sizes(self) -> dict[str, int]:
+        from hilight.synth.dataset import split_sizes
+
+        sizes = split_sizes(self.clips)
+        if self.train_clips:
+            if self.train_clips < sizes["train"]:
+                raise RecipeError(f"train_clips {self.train_clips}: at least the {sizes['train']} training clips "
+                                  f"that {self.clips} clips give")
+            sizes["train"] = self.train_clips
+        return sizes
+
 
 # what a run made before a budget field existed did, field by field (resuming such a run)
 BEFORE_FIELD = {"pack_questions": False, "facts_per_slot": False, "vlm_precision": "fp32", "tower_position_weight": 0.0,
                 "position_questions": False, "motion_question": False, "cue_path_question": False,
-                "facts_attention": False}
+                "facts_attention": False, "train_clips": 0}
 
 
 class RecipeError(ValueError):
@@ -164,12 +178,12 @@ def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: in
     from hilight.checkpoint import save_checkpoint
     from hilight.data import read_records
     from hilight.model import HiLight
-    from hilight.synth.dataset import generate_split, split_sizes
+    from hilight.synth.dataset import generate_split
     from hilight.text import from_llava
     from hilight.tokenizer import train_tokenizer
 
     def make_data() -> None:
-        for split, n in split_sizes(budget.clips).items():
+        for split, n in budget.split_sizes().items():
             generate_split(data, split, n, seed, workers=workers)
 
     progress.step(STEPS[0], data / "test.json", make_data)

@@ -145,3 +145,12 @@ def test_a_run_made_before_a_budget_field_existed_goes_on(tmp_path):
     for changed in ({"pack_questions": True}, {"tower_position_weight": 1.0}):
         with pytest.raises(RecipeError, match="other settings"):
             Progress(tmp_path, {**settings, "budget": {**then, **changed}})
+
+
+def test_a_grown_training_split_keeps_val_and_test():
+    from hilight.recipe import RecipeBudget, RecipeError
+
+    assert RecipeBudget(clips=3000).split_sizes() == {"train": 2400, "val": 300, "test": 300}
+    assert RecipeBudget(clips=3000, train_clips=5400).split_sizes() == {"train": 5400, "val": 300, "test": 300}
+    with pytest.raises(RecipeError, match="train_clips 2000: at least the 2400 training clips"):
+        RecipeBudget(clips=3000, train_clips=2000).split_sizes()
