@@ -68,7 +68,7 @@ def tokens_of(model, cache: FeatureCache, videos: list[Path]) -> torch.Tensor:
 
 
 def answers(records: list[dict], kind: str) -> dict[str, str]:
-    return {r["video"]: truth for r in records if "video" in r
+    return {r["video"]: truth for r in records if isinstance(r["video"], str)
             for t, truth in zip(r["meta"]["types"], r["meta"]["truth"], strict=True) if t == kind}
 
 
@@ -99,6 +99,9 @@ def main() -> None:
     cache = FeatureCache(args.run / "features", tower_identity(aligned))
     data = args.run / "data"
     records = {split: json.loads((data / f"{split}.json").read_text()) for split in ("train", "test")}
+    clips = sorted({r["video"] for split in records.values() for r in split if isinstance(r["video"], str)})
+    every = tokens_of(model, cache, [data / "videos" / v for v in clips])
+    row_of = {v: i for i, v in enumerate(clips)}
     results = {}
     for kind in args.types:
         truth = {split: answers(records[split], kind) for split in records}
@@ -106,7 +109,7 @@ def main() -> None:
         x, y = {}, {}
         for split, table in truth.items():
             kept = [v for v, a in table.items() if a in classes]
-            x[split] = tokens_of(model, cache, [data / "videos" / v for v in kept])
+            x[split] = every[[row_of[v] for v in kept]]
             y[split] = torch.tensor([classes.index(table[v]) for v in kept])
         majority = Counter(y["test"].tolist()).most_common(1)[0][1] / len(y["test"])
         row = {"n_test": len(y["test"]), "classes": len(classes), "majority": majority}
