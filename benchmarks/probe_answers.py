@@ -60,9 +60,9 @@ def tokens_of(model, cache: FeatureCache, videos: list[Path]) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for i in range(0, len(videos), 64):
-            loaded = [cache.load_tensors(v) for v in videos[i:i + 64]]
-            towers = TowerOutputs(torch.stack([t["video"] for t in loaded]).float(),
-                                  torch.stack([t["image"] for t in loaded]).float())
+            loaded = [cache.load(v) for v in videos[i:i + 64]]
+            towers = TowerOutputs(torch.stack([t.video for t in loaded]).float(),
+                                  torch.stack([t.image for t in loaded]).float())
             out.append(model.video_embeddings(towers))
     return torch.cat(out)
 
@@ -114,7 +114,8 @@ def main() -> None:
         majority = Counter(y["test"].tolist()).most_common(1)[0][1] / len(y["test"])
         row = {"n_test": len(y["test"]), "classes": len(classes), "majority": majority}
         tokens, dim = x["train"].shape[1:]
-        for name, reader in (("transformer", Reader(tokens, dim, len(classes))), ("mlp", Flat(tokens, dim, len(classes)))):
+        readers = {"transformer": Reader(tokens, dim, len(classes)), "mlp": Flat(tokens, dim, len(classes))}
+        for name, reader in readers.items():
             fit(reader, x["train"], y["train"], args.steps)
             with torch.no_grad():
                 row[name] = (reader(x["test"]).argmax(-1) == y["test"]).float().mean().item()

@@ -474,9 +474,9 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     from hilight.recipe import RecipeBudget, billiards_small, bundle
 
-    given = {name: getattr(args, name) for name in ("clips", "train_clips", "align_steps", "image_align_steps", "stage1_steps",
-                                                    "stage2_steps", "position_questions", "motion_question",
-                                                    "cue_path_question", "facts_attention")
+    given = {name: getattr(args, name) for name in ("clips", "train_clips", "align_steps", "image_align_steps",
+                                                    "stage1_steps", "stage2_steps", "position_questions",
+                                                    "motion_question", "cue_path_question", "facts_attention")
              if getattr(args, name) is not None}
     budget = RecipeBudget(**given, pack_questions=args.pack_questions, facts_per_slot=args.facts_per_slot,
                           vlm_precision=args.vlm_precision)

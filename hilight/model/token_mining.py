@@ -13,7 +13,6 @@ from torch import nn
 
 from hilight.config import TokenMiningConfig
 
-
 PATCH_CODE_DIM = 32  # patch_positions: 8 frequencies x (sine, cosine) x (column, row)
 
 
