@@ -254,18 +254,20 @@ class Clips:
         self._memory: dict[Path, torch.Tensor] = {}
 
     def _frames(self, video: Path) -> torch.Tensor:
+        """A clip's preprocessed frames in fp16 (as the disk cache keeps them)."""
         if self.cache is not None and self.cache.has(video):
-            return self.cache.load_tensors(video)["frames"].float()
-        frames = load_video(video, self.video_cfg)
+            return self.cache.load_tensors(video)["frames"].half()
+        frames = load_video(video, self.video_cfg).half()
         if self.cache is not None:
-            self.cache.store_tensors(video, {"frames": frames.half()})
+            self.cache.store_tensors(video, {"frames": frames})
         return frames
 
     def frames(self, i: int) -> torch.Tensor:
+        """Clip ``i``'s frames [T, 3, H, W] in fp32; kept in memory in fp16 (half the memory)."""
         video = self.pairs[i][0]
         if video not in self._memory:
             self._memory[video] = self._frames(video)
-        return self._memory[video]
+        return self._memory[video].float()
 
     def __len__(self) -> int:
         return len(self.pairs)

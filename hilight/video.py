@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -353,8 +354,21 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 10, codec: st
                 pix_fmt: str = "yuv420p", options: dict[str, str] | None = None,
                 container_options: dict[str, str] | None = None) -> Path:
     """Encode uint8 ``[N, H, W, 3]`` RGB frames to ``path`` (the container follows the suffix).
-    ``options`` go to the encoder, ``container_options`` to the muxer (e.g. ``movflags``)."""
+    ``options`` go to the encoder, ``container_options`` to the muxer (e.g. ``movflags``). The
+    file appears whole or not at all: it is written beside ``path`` and renamed when complete,
+    so an interrupted writer never leaves (or half-overwrites) a clip."""
     path = Path(path)
+    partial = path.with_name(f".{path.stem}.partial{os.getpid()}{path.suffix}")
+    try:
+        _encode(partial, frames, fps, codec, pix_fmt, options, container_options)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _encode(path: Path, frames: np.ndarray, fps: float, codec: str, pix_fmt: str, options: dict[str, str] | None,
+            container_options: dict[str, str] | None) -> None:
     with av.open(str(path), mode="w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -371,4 +385,3 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 10, codec: st
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return path

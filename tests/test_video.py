@@ -296,3 +296,12 @@ def test_frames_command_reports_bad_files_in_one_line(tmp_path, capsys):
     assert main(["frames", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.mp4: not a readable media file" in err
+
+
+def test_a_failed_write_leaves_the_old_clip_and_no_partial_file(tmp_path):
+    clip = write_video(tmp_path / "c.mp4", frame_pattern(6))
+    before = clip.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the encoder raises
+        write_video(clip, frame_pattern(6), codec="no-such-codec")
+    assert clip.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mp4"]
