@@ -1,13 +1,14 @@
 """How sharp does alignment make the video tower? Align it alone, cache its features, read it out.
 
-Aligns a checkpoint's video tower exactly as ``hilight recipe billiards-small`` does (CLIP-ViP+
-losses plus frame facts, bf16 autocast) on a finished recipe run's data, for any number of
+Aligns a checkpoint's video tower exactly as ``hilight recipe billiards-small`` does (``hilight.recipe.align_config``:
+CLIP-ViP+ losses plus frame facts, bf16 autocast) on a finished recipe run's data, for any number of
 steps, caches its outputs for the training and test clips, and runs ``tower_rules.py`` on them:
 the geometry rules on a linear read-out of its patch tokens. No TokenMining or LLM, so a tower
 setting (steps, resolution, patch size) is judged in the alignment time plus about three minutes.
 
-    .venv/bin/python benchmarks/make_base.py runs/p2/base video_tower.image_size=224 video_tower.patch_size=16 \\
-        image_tower.image_size=224 image_tower.patch_size=16 video.image_size=224
+    .venv/bin/hilight init --preset billiards-small --tokenizer runs/recipe/base --out runs/p2/base \\
+        --set video_tower.image_size=224 video_tower.patch_size=16 image_tower.image_size=224 \\
+        image_tower.patch_size=16 video.image_size=224
     .venv/bin/python benchmarks/align_readout.py --run runs/recipe --base runs/p2/base --steps 1200 --out runs/p2
 """
 
@@ -24,8 +25,8 @@ import torch
 
 from hilight.align import align
 from hilight.checkpoint import load_checkpoint
-from hilight.config import AlignConfig, AlignDataConfig, AlignLossConfig, TextTowerConfig
 from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
+from hilight.recipe import RecipeBudget, align_config
 
 
 def main() -> None:
@@ -39,14 +40,8 @@ def main() -> None:
                                                     "at the same resolution)")
     args = parser.parse_args()
     data, base = args.run / "data", args.base or args.run / "base"
-    text_tower = TextTowerConfig(vocab_size=1000, hidden_size=96, intermediate_size=384, num_layers=2, num_heads=4,
-                                 max_positions=96, projection_dim=64)  # the recipe's
-    cfg = AlignConfig(model=str(base), tower="video", output_dir=str(args.out / "align-video"), text_tower=text_tower,
-                      data=AlignDataConfig(train=str(data / "train-captions.json"), val=str(data / "val-captions.json"),
-                                           videos=str(data / "videos"), frames_cache=str(args.frames or args.out / "frames")),
-                      loss=AlignLossConfig(frame_facts_weight=1.0, facts_position_weight=args.position_weight),
-                      max_steps=args.steps, batch_size=16, lr=1e-3, warmup_ratio=0.05, eval_every=args.steps,
-                      save_every=args.steps, seed=0, precision="bf16")
+    cfg = align_config(base, "video", data, args.out / "align-video", args.frames or args.out / "frames", args.steps,
+                       RecipeBudget(tower_position_weight=args.position_weight), seed=0)
     seconds = {}
     start = time.perf_counter()
     if not (args.out / "align-video" / "final" / "config.json").is_file():

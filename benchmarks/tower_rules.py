@@ -5,8 +5,8 @@ read-out of the tower, before TokenMining.
 linear classifier per patch token (trained here on the training clips' cached tower outputs,
 the frame-facts task of alignment: which object's centre the patch holds, or none) gives each
 frame's balls (present where the best patch says so) and their positions (that patch's centre),
-and the rules of ``oracle_rules.py`` answer the test questions from them. With the per-ball
-errors split into misses, false sightings and wrong colours. Near ``perceived_rules``: TokenMining
+and the rules of ``oracle_rules.py`` answer the test questions from them. With the wrong
+ball-frames counted per colour, as misses and as false sightings. Near ``perceived_rules``: TokenMining
 keeps what the tower sees; both far below ``oracle_rules``: the tower is the limit.
 
     .venv/bin/python benchmarks/tower_rules.py --run runs/recipe

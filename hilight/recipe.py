@@ -199,18 +199,24 @@ def _prepare(out: Path, data: Path, seed: int, budget: RecipeBudget, workers: in
 
     progress.step(STEPS[1], out / "base" / "config.json", make_model)
 
+    for name, tower, model, steps in ((STEPS[2], "video", out / "base", budget.align_steps),
+                                      (STEPS[3], "image", out / "align-video" / "final", budget.image_align_steps)):
+        cfg = align_config(model, tower, data, out / f"align-{tower}", out / "frames", steps, budget, seed)
+        progress.step(name, out / f"align-{tower}" / "final" / "config.json", lambda cfg=cfg: align(cfg))
+
+
+def align_config(model: Path, tower: str, data: Path, output: Path, frames: Path, steps: int, budget: RecipeBudget,
+                 seed: int) -> AlignConfig:
+    """The recipe's alignment of ``model``'s ``tower`` ("video" or "image") on the captions and
+    tracks of a billiards data set (steps 3 and 4)."""
     text_tower = TextTowerConfig(vocab_size=budget.vocab_size, hidden_size=96, intermediate_size=384, num_layers=2,
                                  num_heads=4, max_positions=96, projection_dim=64)
     align_data = AlignDataConfig(train=str(data / "train-captions.json"), val=str(data / "val-captions.json"),
-                                 videos=str(data / "videos"), frames_cache=str(out / "frames"))
+                                 videos=str(data / "videos"), frames_cache=str(frames))
     loss = AlignLossConfig(frame_facts_weight=budget.frame_facts_weight, facts_position_weight=budget.tower_position_weight)
-    for name, tower, model, steps in ((STEPS[2], "video", out / "base", budget.align_steps),
-                                      (STEPS[3], "image", out / "align-video" / "final", budget.image_align_steps)):
-        cfg = AlignConfig(model=str(model), tower=tower, output_dir=str(out / f"align-{tower}"), text_tower=text_tower,
-                          data=align_data, loss=loss, max_steps=steps, batch_size=budget.batch_size, lr=1e-3,
-                          warmup_ratio=0.05, eval_every=steps, save_every=steps, seed=seed,
-                          precision=budget.align_precision)
-        progress.step(name, out / f"align-{tower}" / "final" / "config.json", lambda cfg=cfg: align(cfg))
+    return AlignConfig(model=str(model), tower=tower, output_dir=str(output), text_tower=text_tower, data=align_data,
+                       loss=loss, max_steps=steps, batch_size=budget.batch_size, lr=1e-3, warmup_ratio=0.05,
+                       eval_every=steps, save_every=steps, seed=seed, precision=budget.align_precision)
 
 
 def _from_source(aligned: Path, target: Path, towers: str, seed: int, overrides: list[str]) -> None:
