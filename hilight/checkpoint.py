@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +24,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hilight.config import HiLightConfig, from_dict, to_dict
+from hilight.errors import CheckpointError
+from hilight.files import atomic_dir, dtype_name
 from hilight.model import HiLight
 
 log = logging.getLogger(__name__)
 
 FORMAT = "hilight"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 also stored the training stage's trainable flags (training state, not the model's)
+# and three options of experiments since removed; a version-1 checkpoint loads if those hold
+# the only value the model code still implements.
+RETIRED_V1 = {("trainable",): None, ("towers",): "both", ("token_mining", "token_positions"): 0,
+              ("token_mining", "patch_positions"): False}
 CONFIG_FILE = "config.json"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 TIED_KEY = "llm.lm_head.weight"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing, malformed, or does not match the model."""
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "billiards-small"
 
 
 def model_state_dict(model: HiLight) -> dict[str, torch.Tensor]:
@@ -67,35 +63,16 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) to directory ``path``, replacing it atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         state = model_state_dict(model)
         dtype = next(iter(state.values())).dtype
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": _dtype_name(dtype),
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype_name(dtype),
                 "config": to_dict(model.config)}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``; an existing ``target`` is renamed aside first and
-    removed only after the swap, so an interruption never leaves neither."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -115,9 +92,26 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             f"{path}: not a HiLight checkpoint (format={meta.get('format')!r}); "
             "original checkpoints are imported with `hilight convert`"
         )
+    if meta.get("format_version") == 1:
+        meta = _from_v1(meta, path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
     return meta
+
+
+def _from_v1(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    config = json.loads(json.dumps(meta.get("config", {})))  # a deep copy
+    for keys, only in RETIRED_V1.items():
+        *sections, name = keys
+        node = config
+        for section in sections:
+            node = node.get(section, {})
+        if name in node:
+            value = node.pop(name)
+            if only is not None and value != only:
+                raise CheckpointError(f"{path}: made with {'.'.join(keys)}={value!r}, an option this version of "
+                                      "HiLight no longer has")
+    return {**meta, "format_version": FORMAT_VERSION, "config": config}
 
 
 def read_config(path: str | Path) -> HiLightConfig:
@@ -227,7 +221,8 @@ def load_checkpoint(
     mapped: bool = True,
 ):
     """Load ``(model, tokenizer)`` from a HiLight checkpoint directory (tokenizer is None when
-    ``with_tokenizer`` is false). The model is in eval mode, with towers frozen as configured.
+    ``with_tokenizer`` is false). The model is in eval mode; which parameters train is the
+    caller's choice (:meth:`HiLight.set_trainable`), never the checkpoint's.
     ``mapped``: as :func:`load_weights`."""
     path = Path(path)
     meta = read_meta(path)
@@ -236,7 +231,6 @@ def load_checkpoint(
     state = load_weights(path, dtype, mapped)
     load_state_strict(model, state, tied=tied_keys(config), where=str(path))
     tie_llm_embeddings(model)
-    model.set_trainable(config.trainable)
     model.to(device).eval()
     tokenizer = None
     if with_tokenizer:
@@ -272,3 +266,10 @@ def describe(path: str | Path) -> dict[str, Any]:
         "tokenizer": (Path(path) / "tokenizer_config.json").is_file(),
         "config": meta["config"],
     }
+
+
+def default_model() -> Path:
+    """The model shipped inside the package."""
+    if not (BUNDLED_MODEL / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{BUNDLED_MODEL}: this build has no bundled model; pass --model DIR")
+    return BUNDLED_MODEL

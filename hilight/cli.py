@@ -1,6 +1,9 @@
 """The ``hilight`` command. Each subcommand parses its arguments and calls one library function.
 
-User errors (bad files, bad configs, bad checkpoints) print one line and exit with status 2.
+Building the parser imports nothing heavy (no torch, no transformers): ``--help`` and
+``--version`` answer at once, and each command imports what it needs when it runs. User errors
+(:class:`hilight.errors.HiLightError`: bad files, settings, checkpoints) print one line and
+exit with status 2; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -12,24 +15,49 @@ import os
 import sys
 from pathlib import Path
 
+from hilight.config import PRESETS, SOURCE_FORMATS
+from hilight.errors import ConfigError, DataError, HiLightError
+from hilight.files import DTYPE_NAMES
+
 USER_ERROR = 2
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from hilight.checkpoint import CheckpointError
-    from hilight.config import ConfigError
-    from hilight.convert import ConversionError
-    from hilight.text import ConversationError
-    from hilight.video import VideoError
+# ---------------------------------------------------------------------------------------------
+# shared helpers
 
-    return (CheckpointError, ConfigError, ConversionError, ConversationError, VideoError, FileNotFoundError,
-            ValueError)
+
+def _model_path(arg: str | None) -> Path:
+    from hilight.checkpoint import default_model
+
+    return Path(arg) if arg else default_model()
+
+
+def _engine(args: argparse.Namespace):
+    from hilight.inference.engine import Engine, resolve_dtype
+
+    return Engine.from_checkpoint(_model_path(args.model), dtype=resolve_dtype(args.dtype), quantize=args.quantize)
+
+
+def _settings(args: argparse.Namespace):
+    from hilight.inference.engine import GenerationSettings
+
+    return GenerationSettings.from_request(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.beams)
+
+
+def _warn_if_exposed(host: str) -> None:
+    if host not in LOCAL_HOSTS:
+        print(f"warning: serving on {host}, reachable from other machines", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Parameter counts of a preset (built on the meta device) or what a checkpoint holds."""
     if (args.preset is None) == (args.path is None):
-        raise SystemExit("hilight info: give either a checkpoint PATH or --preset NAME")
+        raise ConfigError("give either a checkpoint PATH or --preset NAME")
     if args.preset:
         import torch
 
@@ -58,15 +86,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Assemble a HiLight checkpoint from original-format files."""
-    import torch
-
     from hilight.checkpoint import save_checkpoint
     from hilight.config import apply_overrides, preset
     from hilight.convert import ConversionError, Sources, assemble
+    from hilight.files import torch_dtype
     from hilight.tokenizer import load_tokenizer
 
     paths: dict[str, Path] = {}
     for fmt, path in args.sources or []:
+        if fmt not in SOURCE_FORMATS:
+            raise ConversionError(f"--from {fmt}: unknown format; choose from {', '.join(SOURCE_FORMATS)}")
         key = fmt.replace("-", "_")
         if key in paths:
             raise ConversionError(f"--from {fmt} given twice")
@@ -76,8 +105,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
         raise ConversionError(f"{tokenizer_dir or 'no directory'}: no tokenizer files; give --tokenizer DIR")
     base = apply_overrides(preset(args.preset), args.set or [])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = assemble(sources, base, frozenset(args.init or ()), dtype)
+    model = assemble(sources, base, frozenset(args.init or ()), torch_dtype(args.dtype))
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > model.config.llm.vocab_size:
         raise ConversionError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens, the LLM only "
@@ -95,15 +123,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     workdir = args.out or tempfile.mkdtemp(prefix="hilight-demo-")
     report = run_demo(workdir, seed=args.seed)
+    same = report.answer == report.reloaded_answer
     print("HiLight end-to-end demo -- tiny preset, UNTRAINED random weights (the answer is noise)")
     print(f"  clip            {report.clip}")
     print(f"  frames tensor   {list(report.pixel_shape)}  (videos, frames, channels, height, width)")
     print(f"  visual tokens   {report.tokens_per_video} per video; prompt {report.prompt_tokens} positions")
     print(f"  training loss   {report.loss:.3f}  (about ln(vocab) for random weights)")
     print(f"  greedy answer   {report.answer!r}")
-    print(f"  after save/load {report.reloaded_answer!r}  ({'identical' if report.answer == report.reloaded_answer else 'DIFFERENT'})")
+    print(f"  after save/load {report.reloaded_answer!r}  ({'identical' if same else 'DIFFERENT'})")
     print(f"  took {report.seconds:.1f} s")
-    return 0 if report.answer == report.reloaded_answer else 1
+    return 0 if same else 1
 
 
 def cmd_frames(args: argparse.Namespace) -> int:
@@ -126,7 +155,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from hilight.synth.billiards import TableConfig
     from hilight.synth.dataset import generate_split, split_sizes
 
-    sizes = split_sizes(args.videos) if args.split == "all" else {args.split: args.videos}
+    sizes = split_sizes(args.clips) if args.split == "all" else {args.split: args.clips}
     cfg = TableConfig(image_size=args.image_size, stripes=args.stripes)
     for split, n in sizes.items():
         start = time.perf_counter()
@@ -139,12 +168,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """A randomly initialised model from a preset, with a tokenizer, as a checkpoint."""
-    import json
-
     import torch
 
     from hilight.checkpoint import save_checkpoint
     from hilight.config import apply_overrides, preset
+    from hilight.data import read_records
     from hilight.model import HiLight
     from hilight.text import from_llava
     from hilight.tokenizer import DEMO_CORPUS, load_tokenizer, train_tokenizer
@@ -154,7 +182,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     else:
         texts = list(DEMO_CORPUS)
         for path in args.train_tokenizer or []:
-            for record in json.loads(Path(path).read_text()):
+            for record in read_records(path):
                 if "conversations" in record:
                     texts += [m.content.replace("<video>", " ") for m in from_llava(record["conversations"])]
                 if "caption" in record:
@@ -171,8 +199,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Judge-free evaluation with per-type accuracy and baselines."""
-    from hilight.engine import GenerationSettings
-    from hilight.eval import evaluate, markdown
+    from hilight.evaluation.qa import evaluate, markdown
+    from hilight.inference.engine import GenerationSettings
 
     engine = _engine(args)
     name = Path(args.model).name if args.model else "bundled model"
@@ -187,14 +215,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Validate a training JSON and its videos up front."""
-    import json
     from collections import Counter
 
     from hilight.checkpoint import read_config
     from hilight.data import encode_records, read_records
     from hilight.text import ChatTokenizer
     from hilight.tokenizer import load_tokenizer
-    from hilight.video import VideoError, decode_video
+    from hilight.video import decode_video
 
     config = read_config(args.model)
     chat = ChatTokenizer(load_tokenizer(args.model), config.tokens_per_video)
@@ -207,8 +234,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     for video in videos:
         try:
             decode_video(video, config.video)
-        except VideoError as exc:
-            broken[video] = exc.reason
+        except HiLightError as exc:
+            broken[video] = getattr(exc, "reason", str(exc))
     for s in samples:
         reasons = [f"{v.name}: {broken[v]}" for v in s.videos if v in broken]
         if reasons:
@@ -228,10 +255,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """Cache both towers' outputs once per unique video (shardable across processes)."""
-    import torch
-
     from hilight.checkpoint import load_checkpoint
     from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
+    from hilight.files import torch_dtype
 
     model, _ = load_checkpoint(args.model, with_tokenizer=False)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -240,11 +266,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         for record in read_records(data):
             try:
                 videos += record_videos(record, args.videos)
-            except ValueError as exc:
+            except HiLightError as exc:
                 print(f"skipping record {record.get('id')}: {exc}", file=sys.stderr)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cache = FeatureCache(args.out, tower_identity(model))
-    result = extract_features(model, videos, cache, dtype, rank, world)
+    result = extract_features(model, videos, cache, torch_dtype(args.dtype), rank, world)
     print(f"rank {rank}/{world}: {len(result['assigned'])} videos assigned, {len(result['extracted'])} extracted, "
           f"{len(result['cached'])} already cached, {len(result['bad'])} unreadable -> {args.out}")
     for _video, reason in result["bad"]:
@@ -255,7 +280,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run a VLM training stage from a YAML config."""
     from hilight.config import TrainConfig, load_yaml
-    from hilight.train import train
+    from hilight.training.vlm import train
 
     cfg = load_yaml(TrainConfig, args.config, args.overrides)
     summary = train(cfg, resume=args.resume)
@@ -267,17 +292,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
-    from hilight.train import merge_lora
+    """A base checkpoint plus a LoRA adapter, merged into a plain checkpoint."""
+    from hilight.training.vlm import merge_lora
 
-    out = merge_lora(args.base, args.adapter, args.out)
-    print(f"wrote {out}")
+    print(f"wrote {merge_lora(args.base, args.adapter, args.out)}")
     return 0
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     """Video-text alignment (CLIP-ViP+) from a YAML config."""
-    from hilight.align import align
     from hilight.config import AlignConfig, load_yaml
+    from hilight.training.align import align
 
     cfg = load_yaml(AlignConfig, args.config, args.overrides)
     summary = align(cfg, resume=args.resume)
@@ -287,9 +312,8 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
-    import json
-
-    from hilight.align import eval_retrieval, retrieval_markdown
+    """Text <-> video retrieval recall of an aligned tower."""
+    from hilight.evaluation.retrieval import eval_retrieval, retrieval_markdown
 
     result = eval_retrieval(args.model, args.data, args.videos)
     text = retrieval_markdown(result, f"Retrieval: {args.model} on {args.data}")
@@ -301,61 +325,9 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_align_ablation(args: argparse.Namespace) -> int:
-    from hilight.align import ablation, ablation_markdown
-    from hilight.config import AlignConfig, load_yaml
-
-    cfg = load_yaml(AlignConfig, args.config, args.overrides)
-    table = ablation(cfg, args.seeds, args.out)
-    print(ablation_markdown(table, args.seeds, cfg.max_steps))
-    return 0
-
-
-def _model_path(arg: str | None) -> Path:
-    from hilight.engine import default_model
-
-    return Path(arg) if arg else default_model()
-
-
-def _settings(args: argparse.Namespace):
-    from hilight.engine import GenerationSettings
-
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                              temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k,
-                              num_beams=args.beams)
-
-
-def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="weights and compute (auto: bf16 where the hardware has it, else fp32)")
-    p.add_argument("--quantize", choices=["auto", "none", "int8", "packed"], default="auto",
-                   help="int8: weight-only int8 LLM linear layers; packed: bf16 LLM weights prepacked for oneDNN "
-                        "(both CPU; faster decoding, see README Performance); auto: packed for bf16 on a CPU "
-                        "with native bf16, else none")
-
-
-def _engine(args: argparse.Namespace):
-    from hilight.engine import Engine, resolve_dtype
-
-    return Engine.from_checkpoint(_model_path(args.model), dtype=resolve_dtype(args.dtype),
-                                  quantize=getattr(args, "quantize", "auto"))
-
-
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    _add_dtype_arg(p)
-    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--beams", type=int, default=1)
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
     """One question about one or more videos."""
-    import json
-
-    from hilight.engine import Conversation, stream_reply
+    from hilight.inference.engine import Conversation, stream_reply
 
     *videos, question = args.inputs
     engine = _engine(args)
@@ -368,67 +340,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_HELP = "commands: /video PATH (add a video to your next message), /reset, /history, /save FILE, /quit"
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive multi-turn chat about videos in the terminal, with streaming."""
-    import json
+    from hilight.chat import run_chat
 
-    from hilight.engine import Conversation, stream_reply
-    from hilight.video import VideoError, decode_video
-
-    engine = _engine(args)
-    settings = _settings(args)
-    conversation, pending = Conversation(), list(args.videos)
-    print(f"HiLight chat ({_model_path(args.model).name}). {CHAT_HELP}")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not line:
-            continue
-        command, _, rest = line.partition(" ")
-        if command == "/quit":
-            return 0
-        if command == "/reset":
-            conversation, pending = Conversation(), []
-            print("(conversation cleared)")
-            continue
-        if command == "/history":
-            for m in conversation.messages:
-                print(f"{m.role}> {m.content}")
-            print(f"(videos: {', '.join(str(v) for v in conversation.videos) or 'none'}; pending: "
-                  f"{', '.join(pending) or 'none'})")
-            continue
-        if command == "/save":
-            Path(rest or "chat.json").write_text(json.dumps(conversation.to_json(), indent=1) + "\n")
-            print(f"(saved to {rest or 'chat.json'})")
-            continue
-        if command == "/video":
-            try:
-                decode_video(rest, engine.model.config.video)
-                pending.append(rest)
-                print(f"(video {rest} will go with your next message)")
-            except VideoError as exc:
-                print(f"error: {exc}")
-            continue
-        if command.startswith("/"):
-            print(CHAT_HELP)
-            continue
-        try:
-            print("hilight> ", end="", flush=True)
-            for chunk in stream_reply(engine, conversation, line, pending, settings):
-                print(chunk, end="", flush=True)
-            print()
-            pending = []
-        except KeyboardInterrupt:
-            print("\n(stopped)")
-            pending = []
-        except _user_errors() as exc:
-            print(f"\nerror: {exc}")
+    return run_chat(_engine(args), list(args.videos), _settings(args), _model_path(args.model).name)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -441,28 +357,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _engine(args)
     app = create_app(engine, path.name, allowed_dir=args.allow_dir, max_video_bytes=args.max_video_mb << 20,
                      max_concurrent=args.max_concurrent, queue_limit=args.queue)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    _warn_if_exposed(args.host)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def cmd_webui(args: argparse.Namespace) -> int:
     """The Gradio web UI."""
+    from hilight.inference.engine import resolve_dtype
     from hilight.webui import Models, launch
 
     default = Path(args.model) if args.model else (None if args.models_dir else _model_path(None))
-    from hilight.engine import resolve_dtype
-
     models = Models(default, args.models_dir, resolve_dtype(args.dtype), args.quantize)
     auth = None
     if args.auth:
         user, sep, password = args.auth.partition(":")
         if not sep:
-            raise ValueError("--auth must be user:password")
+            raise ConfigError("--auth must be user:password")
         auth = (user, password)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    _warn_if_exposed(args.host)
     print(f"HiLight web UI on http://{args.host}:{args.port}")
     launch(models, args.host, args.port, auth, args.max_upload_mb, args.max_duration)
     return 0
@@ -470,21 +383,13 @@ def cmd_webui(args: argparse.Namespace) -> int:
 
 def cmd_recipe(args: argparse.Namespace) -> int:
     """Train the bundled model from scratch, reproducibly."""
-    import json
+    from hilight.recipes.billiards_small.recipe import billiards_small, bundle, load_recipe
 
-    from hilight.recipe import RecipeBudget, billiards_small, bundle
-
-    given = {name: getattr(args, name) for name in ("clips", "train_clips", "align_steps", "image_align_steps",
-                                                    "stage1_steps", "stage2_steps", "position_questions",
-                                                    "motion_question", "cue_path_question", "facts_attention")
-             if getattr(args, name) is not None}
-    budget = RecipeBudget(**given, pack_questions=args.pack_questions, facts_per_slot=args.facts_per_slot,
-                          vlm_precision=args.vlm_precision)
-    summary = billiards_small(args.out, seed=args.seed, budget=budget, workers=args.workers, towers=args.towers,
-                              source=args.source, overrides=args.set)
+    cfg = load_recipe(args.config, args.overrides)
+    summary = billiards_small(args.out, cfg, workers=args.workers)
     print(json.dumps(summary, indent=1))
     if args.bundle:
-        from hilight.engine import BUNDLED_MODEL
+        from hilight.checkpoint import BUNDLED_MODEL
 
         bundle(args.out, BUNDLED_MODEL, Path("examples"))
         print(f"bundled into {BUNDLED_MODEL} with example clips in examples/")
@@ -493,244 +398,241 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 def cmd_examples(args: argparse.Namespace) -> int:
     """Ask the model the example questions about the bundled clips; show the true answers."""
-    import json
-
-    from hilight.engine import Conversation, GenerationSettings, stream_reply
-    from hilight.scoring import extract
-    from hilight.synth.qa import KINDS
-    from hilight.text import from_llava
+    from hilight.evaluation.qa import load_items, run
+    from hilight.evaluation.scoring import extract
+    from hilight.inference.engine import GenerationSettings
 
     folder = args.examples
     if not (folder / "questions.json").is_file():
-        raise FileNotFoundError(f"{folder}: no questions.json (the bundled examples)")
-    engine = _engine(args)
+        raise DataError(f"{folder}: no questions.json (the bundled examples)")
+    items, problems = load_items(folder / "questions.json", folder)
+    if problems:
+        raise DataError(f"{folder / 'questions.json'}: {problems[0]}")
+    run(_engine(args), items, GenerationSettings(48), batch_size=1, blind=False)
     right = 0
-    records = json.loads((folder / "questions.json").read_text())
-    for record in records:
-        question, truth = (m.content for m in from_llava(record["conversations"]))
-        videos = [folder / v for v in ([record["video"]] if isinstance(record["video"], str) else record["video"])]
-        answer = "".join(stream_reply(engine, Conversation(), question, videos, GenerationSettings(48))).strip()
-        qtype, value = record["meta"]["types"][0], record["meta"]["truth"][0]
-        ok = extract(KINDS[qtype], answer) == value
+    for it in items:
+        ok = extract(it.kind, it.answer) == it.truth
         right += ok
-        print(f"{', '.join(v.name for v in videos)}: {question.replace('<video>', '').strip()}")
-        print(f"  model: {answer}")
-        print(f"  truth: {truth}   [{'right' if ok else 'wrong'}]")
-    print(f"{right} of {len(records)} right")
+        print(f"{', '.join(v.name for v in it.videos)}: {it.messages[-1].content.replace('<video>', '').strip()}")
+        print(f"  model: {it.answer}")
+        print(f"  truth: {it.reference}   [{'right' if ok else 'wrong'}]")
+    print(f"{right} of {len(items)} right")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help line ends with its default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _add_dtype(p: argparse.ArgumentParser, quantize: bool = True) -> None:
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                   help="weights and compute; auto: bf16 where the hardware has it, else fp32")
+    if quantize:
+        p.add_argument("--quantize", choices=["auto", "none", "int8", "packed"], default="auto",
+                       help="int8: weight-only int8 LLM linear layers; packed: bf16 LLM weights prepacked for "
+                            "oneDNN (both CPU, faster decoding; see docs/performance.md); auto: packed for a "
+                            "full-width bf16 model on a CPU with native bf16, else none")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the bundled billiards-small model)")
+    _add_dtype(p)
+
+
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    _add_model(p)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this share of probability")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--beams", type=int, default=1, help="beam search width (1: none)")
+
+
+def _add_server(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (another than 127.0.0.1 exposes it)")
+    p.add_argument("--port", type=int, default=port, help="port to listen on")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from hilight import __version__
-    from hilight.convert import FORMATS
 
-    parser = argparse.ArgumentParser(prog="hilight", description="HiLight video-language assistant")
+    # -v is accepted before and after the subcommand: the subcommand's copy leaves it unset
+    # (SUPPRESS) unless given there, so it never overrides the top-level one
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress to stderr; show tracebacks")
+    parser = argparse.ArgumentParser(prog="hilight", description="HiLight video-language assistant",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"hilight {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr; show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="parameter counts of a preset, or what a checkpoint holds")
-    p.add_argument("path", nargs="?", help="a HiLight checkpoint directory")
-    p.add_argument("--preset", help="a preset name (hilight-2b, tiny)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_info)
+    def command(name: str, func, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text, parents=[verbose], formatter_class=_HelpFormatter)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("convert", help="assemble a HiLight checkpoint from original-format weights")
-    p.add_argument("--from", dest="sources", nargs=2, action="append", metavar=("FORMAT", "PATH"),
-                   help=f"a source and its format, repeatable; FORMAT is one of {', '.join(FORMATS)}")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the Gemma / merged directory)")
-    p.add_argument("--preset", default="hilight-2b", help="tower and TokenMining sizes (default hilight-2b)")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--init", nargs="*", choices=["token_mining"], help="initialise these parts fresh")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
-    p.set_defaults(func=cmd_convert)
+    p = command("ask", cmd_ask, "answer one question about one or more videos")
+    p.add_argument("inputs", nargs="+", metavar="VIDEO... QUESTION",
+                   help="video files, then the question (<video> markers in it place the videos)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_generation(p)
 
-    p = sub.add_parser("frames", help="contact sheet (PNG) of the frames sampled from a video")
+    p = command("chat", cmd_chat, "interactive chat about videos in the terminal")
+    p.add_argument("videos", nargs="*", metavar="VIDEO", help="videos that go with your first message")
+    _add_generation(p)
+
+    p = command("webui", cmd_webui, "Gradio web UI: several videos per conversation, streaming")
+    _add_model(p)
+    p.add_argument("--models-dir", type=Path, help="offer every checkpoint in this directory")
+    _add_server(p, 7860)
+    p.add_argument("--auth", help="require this user:password login")
+    p.add_argument("--max-upload-mb", type=int, default=200, help="largest accepted upload, MB")
+    p.add_argument("--max-duration", type=float, default=600.0, help="longest accepted video, seconds")
+
+    p = command("serve", cmd_serve, "OpenAI-compatible HTTP API (/v1/chat/completions)")
+    _add_model(p)
+    _add_server(p, 8000)
+    p.add_argument("--allow-dir", type=Path, help="allow file:// video URLs inside this directory")
+    p.add_argument("--max-video-mb", type=int, default=64, help="largest accepted video, MB")
+    p.add_argument("--max-concurrent", type=int, default=1, help="generations at once")
+    p.add_argument("--queue", type=int, default=32, help="requests allowed to wait; more get 503")
+
+    p = command("frames", cmd_frames, "contact sheet (PNG) of the frames sampled from a video")
     p.add_argument("video", help="a video or image file")
     p.add_argument("--out", type=Path, help="output PNG (default: VIDEO-frames.png here)")
-    p.add_argument("--num-frames", type=int, default=12)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--sampling", choices=["uniform", "midpoint", "fps"], default="uniform")
+    p.add_argument("--num-frames", type=int, default=12, help="frames to sample")
+    p.add_argument("--image-size", type=int, default=224, help="side of each frame, pixels")
+    p.add_argument("--sampling", choices=["uniform", "midpoint", "fps"], default="uniform",
+                   help="uniform over the clip, the middle of equal segments, or at --fps")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second for --sampling fps")
-    p.add_argument("--resize", choices=["squash", "center_crop"], default="squash")
-    p.set_defaults(func=cmd_frames)
+    p.add_argument("--resize", choices=["squash", "center_crop"], default="squash",
+                   help="squash to a square, or keep the aspect ratio and crop the centre")
 
-    p = sub.add_parser("synth", help="generate a synthetic video-QA dataset")
-    p.add_argument("kind", choices=["billiards"])
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--videos", type=int, default=1000, help="number of clips (split 80/10/10 unless --split)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--stripes", action="store_true", help="make about half the object balls striped")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes")
-    p.set_defaults(func=cmd_synth)
+    p = command("info", cmd_info, "parameter counts of a preset, or what a checkpoint holds")
+    p.add_argument("path", nargs="?", help="a HiLight checkpoint directory")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a preset")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("init", help="a randomly initialised checkpoint from a preset (training starting point)")
-    p.add_argument("--preset", default="tiny")
+    p = command("examples", cmd_examples, "ask the bundled model about the example clips, with the true answers")
+    _add_model(p)
+    p.add_argument("--examples", type=Path, default=Path(__file__).resolve().parents[1] / "examples",
+                   help="folder with questions.json and its clips")
+
+    p = command("convert", cmd_convert, "assemble a HiLight checkpoint from original-format weights")
+    p.add_argument("--from", dest="sources", nargs=2, action="append", metavar=("FORMAT", "PATH"),
+                   help=f"a source and its format, repeatable; FORMAT is one of {', '.join(SOURCE_FORMATS)}")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the Gemma / merged directory)")
+    p.add_argument("--preset", default="hilight-2b", choices=sorted(PRESETS), help="tower and TokenMining sizes")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--init", nargs="*", choices=["token_mining"], help="initialise these parts fresh")
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES, help="dtype of the written weights")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+
+    p = command("init", cmd_init, "a randomly initialised checkpoint from a preset (a training starting point)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--tokenizer", type=Path, help="an existing tokenizer directory (e.g. Gemma's)")
     group.add_argument("--train-tokenizer", type=Path, nargs="*", metavar="DATA.json",
                        help="train a byte-level BPE on the text of these LLaVA-style / caption JSON files")
-    p.add_argument("--vocab-size", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_init)
+    p.add_argument("--vocab-size", type=int, default=2000, help="vocabulary of a trained tokenizer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
 
-    p = sub.add_parser("eval", help="judge-free evaluation on a video-QA JSON")
-    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p = command("synth", cmd_synth, "generate a synthetic video-QA dataset")
+    p.add_argument("kind", choices=["billiards"], help="what to generate")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--clips", type=int, default=1000, help="number of clips (split 80/10/10 unless --split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole dataset")
+    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all", help="which split(s)")
+    p.add_argument("--image-size", type=int, default=224, help="side of the rendered frames, pixels")
+    p.add_argument("--stripes", action="store_true", help="make about half the object balls striped")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+
+    p = command("data", None, "dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser("check", help="validate records, videos and lengths; list bad samples",
+                            parents=[verbose], formatter_class=_HelpFormatter)
+    q.set_defaults(func=cmd_data_check)
+    q.add_argument("data", type=Path, help="LLaVA-style JSON")
+    q.add_argument("--videos", type=Path, required=True, help="folder the records' video names are under")
+    q.add_argument("--model", required=True, help="checkpoint whose tokenizer and sizes apply")
+    q.add_argument("--max-length", type=int, help="longest sample in tokens (default: the model's)")
+    q.add_argument("--out", type=Path, help="bad-sample list (default: DATA.bad.json)")
+    q.add_argument("--strict", action="store_true", help="exit 1 when any sample is bad")
+
+    p = command("extract-features", cmd_extract, "cache the frozen towers' outputs per video")
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="LLaVA-style JSON files")
+    p.add_argument("--videos", type=Path, required=True, help="folder the records' video names are under")
+    p.add_argument("--model", required=True, help="checkpoint whose towers run")
+    p.add_argument("--out", type=Path, required=True, help="cache directory")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16", help="dtype the features are stored in")
+
+    for name, func, text, kind in (
+            ("align", cmd_align, "video-text alignment of a tower (CLIP-ViP+: global + SPARC local loss)",
+             "AlignConfig"),
+            ("train", cmd_train, "a VLM training stage (stage 1, LoRA stage 2, full fine-tune)", "TrainConfig")):
+        p = command(name, func, text)
+        p.add_argument("--config", type=Path, required=True, help=f"YAML: a serialized {kind}")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. lr=1e-4")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+
+    p = command("eval", cmd_eval, "judge-free evaluation on a video-QA JSON")
+    _add_model(p)
     p.add_argument("--data", type=Path, required=True, help="LLaVA-style JSON (billiards records carry 'meta')")
-    p.add_argument("--videos", type=Path, required=True, help="directory the records' video names are under")
+    p.add_argument("--videos", type=Path, required=True, help="folder the records' video names are under")
     p.add_argument("--out", type=Path, help="write report.json, report.md and accuracy.png here")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8, help="questions answered together")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens")
     p.add_argument("--no-blind", action="store_true", help="skip the video-removed baseline")
     p.add_argument("--limit", type=int, help="only the first N items")
-    _add_dtype_arg(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("data", help="dataset tools")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    q = data_sub.add_parser("check", help="validate records, videos and lengths; list bad samples")
-    q.add_argument("data", type=Path, help="LLaVA-style JSON")
-    q.add_argument("--videos", type=Path, required=True)
-    q.add_argument("--model", required=True, help="checkpoint whose tokenizer and sizes apply")
-    q.add_argument("--max-length", type=int)
-    q.add_argument("--out", type=Path, help="bad-sample list (default DATA.bad.json)")
-    q.add_argument("--strict", action="store_true", help="exit 1 when any sample is bad")
-    q.set_defaults(func=cmd_data_check)
-
-    p = sub.add_parser("extract-features", help="cache the frozen towers' outputs per video")
-    p.add_argument("--data", type=Path, nargs="+", required=True)
-    p.add_argument("--videos", type=Path, required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", type=Path, required=True, help="cache directory")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    p.set_defaults(func=cmd_extract)
-
-    p = sub.add_parser("train", help="VLM training stage (stage 1, LoRA stage 2, full fine-tune)")
-    p.add_argument("--config", type=Path, required=True, help="YAML: a serialized TrainConfig")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. lr=1e-4")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("align", help="video-text alignment of the video tower (global + SPARC local loss)")
-    p.add_argument("--config", type=Path, required=True, help="YAML: a serialized AlignConfig")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true")
-    p.set_defaults(func=cmd_align)
-
-    p = sub.add_parser("eval-retrieval", help="text<->video retrieval recall of an aligned model")
+    p = command("eval-retrieval", cmd_eval_retrieval, "text<->video retrieval recall of an aligned model")
     p.add_argument("--model", type=Path, required=True, help="the final/ directory of `hilight align`")
     p.add_argument("--data", type=Path, required=True, help="JSON list of {video, caption}")
-    p.add_argument("--videos", type=Path, required=True)
+    p.add_argument("--videos", type=Path, required=True, help="folder the records' video names are under")
     p.add_argument("--out", type=Path, help="write retrieval.json and retrieval.md here")
-    p.set_defaults(func=cmd_eval_retrieval)
 
-    p = sub.add_parser("align-ablation", help="retrieval for global / +local / +language mask over seeds")
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_align_ablation)
+    p = command("merge-lora", cmd_merge_lora, "base checkpoint + LoRA adapter -> plain checkpoint")
+    p.add_argument("--base", type=Path, required=True, help="the checkpoint the adapter was trained on")
+    p.add_argument("--adapter", type=Path, required=True, help="the final/ directory of a LoRA stage")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
 
-    p = sub.add_parser("merge-lora", help="base checkpoint + LoRA adapter -> plain checkpoint")
-    p.add_argument("--base", type=Path, required=True)
-    p.add_argument("--adapter", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_merge_lora)
-
-    p = sub.add_parser("ask", help="answer one question about one or more videos")
-    p.add_argument("inputs", nargs="+", metavar="VIDEO... QUESTION",
-                   help="video files, then the question (<video> markers in it place the videos)")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
-    _add_generation_args(p)
-    p.set_defaults(func=cmd_ask)
-
-    p = sub.add_parser("chat", help="interactive chat about videos in the terminal")
-    p.add_argument("videos", nargs="*", help="videos that go with your first message")
-    _add_generation_args(p)
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions)")
-    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    _add_dtype_arg(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--allow-dir", type=Path, help="allow file:// video URLs inside this directory")
-    p.add_argument("--max-video-mb", type=int, default=64)
-    p.add_argument("--max-concurrent", type=int, default=1, help="generations at once")
-    p.add_argument("--queue", type=int, default=32, help="requests allowed to wait; more get 503")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("webui", help="Gradio web UI: several videos per conversation, streaming")
-    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--models-dir", type=Path, help="offer every checkpoint in this directory")
-    _add_dtype_arg(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--auth", help="user:password login")
-    p.add_argument("--max-upload-mb", type=int, default=200)
-    p.add_argument("--max-duration", type=float, default=600.0, help="longest accepted video, seconds")
-    p.set_defaults(func=cmd_webui)
-
-    p = sub.add_parser("recipe", help="train the bundled model end to end (synthetic billiards)")
-    p.add_argument("name", choices=["billiards-small"])
-    p.add_argument("--out", type=Path, default=Path("runs/recipe"))
-    p.add_argument("--seed", type=int, default=0)
-    for name in ("clips", "train-clips", "align-steps", "image-align-steps", "stage1-steps", "stage2-steps"):
-        p.add_argument(f"--{name}", type=int, help="budget (default: hilight/recipe.py RecipeBudget)")
-    p.add_argument("--pack-questions", action="store_true",
-                   help="stage 2 reads each clip's questions as one multi-turn conversation "
-                        "(measured worse at the same token budget; see README)")
-    p.add_argument("--facts-per-slot", action="store_true",
-                   help="TokenMining slot q of every frame is trained to stand for ball q "
-                        "(with --set token_mining.queries_per_frame=<number of balls>)")
-    p.add_argument("--vlm-precision", choices=["fp32", "bf16"], default="bf16", help="VLM stages' autocast")
-    p.add_argument("--position-questions", action=argparse.BooleanOptionalAction,
-                   help="stage 2 also trains on where each ball is at the start and was last seen "
-                        "(default: hilight/recipe.py RecipeBudget)")
-    p.add_argument("--motion-question", action=argparse.BooleanOptionalAction,
-                   help="stage 2 also trains on which coloured balls moved (default: hilight/recipe.py RecipeBudget)")
-    p.add_argument("--cue-path-question", action=argparse.BooleanOptionalAction,
-                   help="stage 2 also trains on the cue ball's step between each two frames "
-                        "(default: hilight/recipe.py RecipeBudget)")
-    p.add_argument("--facts-attention", action=argparse.BooleanOptionalAction,
-                   help="the VLM stages' frame-facts head reads each ball by attention over a frame's tokens, "
-                        "as the LLM can, instead of all tokens side by side (default: hilight/recipe.py RecipeBudget)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change the billiards-small model preset (repeatable)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--towers", choices=["both", "video", "image"], default="both",
-                   help="ablation: keep only the video tower or only the image tower (needs --source)")
-    p.add_argument("--source", type=Path, help="the full run whose data and aligned towers an ablation reuses")
+    p = command("recipe", cmd_recipe, "train the bundled model end to end (synthetic billiards)")
+    p.add_argument("name", choices=["billiards-small"], help="the recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of the recipe config, e.g. stage2_steps=6000 model.llm.num_layers=6")
+    p.add_argument("--config", type=Path, help="recipe config (default: configs/recipes/billiards-small.yaml)")
+    p.add_argument("--out", type=Path, default=Path("runs/recipe"),
+                   help="run directory; a run started again with the same --out continues where it stopped")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes for the data")
     p.add_argument("--bundle", action="store_true", help="copy the result into the package and examples/")
-    p.set_defaults(func=cmd_recipe)
 
-    p = sub.add_parser("examples", help="ask the bundled model about the example clips")
-    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--examples", type=Path, default=Path(__file__).resolve().parents[1] / "examples")
-    _add_dtype_arg(p)
-    p.set_defaults(func=cmd_examples)
-
-    p = sub.add_parser("demo", help="end-to-end pipeline run on the tiny preset (untrained weights)")
+    p = command("demo", cmd_demo, "end-to-end pipeline run on the tiny preset (untrained weights)")
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary directory)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--seed", type=int, default=0, help="seed of the clip and the weights")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except _user_errors() as exc:
+    except HiLightError as exc:
         if args.verbose:
             raise
         print(f"hilight {args.command}: {exc}", file=sys.stderr)

@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from transformers import GemmaConfig
+from hilight.errors import ConfigError
 
+# the original formats ``hilight convert`` reads (their key maps are in hilight.convert)
+SOURCE_FORMATS = ("clipvip", "longclip", "token-mining", "hilight-merged", "gemma")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, or inconsistent with another."""
 
 
 @dataclass
@@ -87,15 +85,6 @@ class TokenMiningConfig:
     # different things even when the frame embeddings differ little.
     frame_local: bool = False
     slot_queries: bool = False
-    # 0 in the original. N > 0: a learned embedding per output token (frame t < N, slot q) is
-    # added to TokenMining's output, so the LLM can address "slot q of the first frame" by content
-    # as well as through its relative positions. N must equal video.num_frames.
-    token_positions: int = 0
-    # False in the original. True (needs frame_local): every patch token's value also carries
-    # where the patch is (a fixed 2-D sine/cosine code of its row and column through a learned
-    # linear map), so a query that attends to one ball's patch returns where that ball is, not
-    # only what the patch looks like.
-    patch_positions: bool = False
 
 
 @dataclass
@@ -118,13 +107,15 @@ class LLMConfig:
     bos_token_id: int = 2
     tie_word_embeddings: bool = True
 
-    def to_gemma(self) -> GemmaConfig:
+    def to_gemma(self):
         """Build the transformers config.
 
         transformers 5.x rewrites ``hidden_act="gelu"`` to the tanh approximation while
         constructing the config; the released HiLight weights were trained under 4.38 with
         the exact GELU, so the value recorded here is set back after construction.
         """
+        from transformers import GemmaConfig
+
         cfg = GemmaConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -193,11 +184,6 @@ class HiLightConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     video: VideoInputConfig = field(default_factory=VideoInputConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    trainable: TrainableConfig = field(default_factory=TrainableConfig)
-    # which towers feed TokenMining: "both" (HiLight); the ablations "video" (learned per-frame
-    # queries instead of Long-CLIP's frame embeddings) and "image" (keys and values are Long-CLIP's
-    # patch tokens of every frame instead of CLIP-ViP's tokens)
-    towers: Literal["both", "video", "image"] = "both"
 
     def __post_init__(self) -> None:
         tm = self.token_mining
@@ -208,16 +194,11 @@ class HiLightConfig:
             (self.video.image_size, self.video_tower.image_size, "video.image_size", "video_tower.image_size"),
             (self.video.image_size, self.image_tower.image_size, "video.image_size", "image_tower.image_size"),
         ]
-        if self.towers == "image":
-            checks[0] = (tm.video_dim, self.image_tower.width, "token_mining.video_dim", "image_tower.width")
         for a, b, name_a, name_b in checks:
             if a != b:
                 raise ConfigError(f"{name_a}={a} must equal {name_b}={b}")
         if self.video.num_frames < 1:
             raise ConfigError(f"video.num_frames must be >= 1, got {self.video.num_frames}")
-        if tm.token_positions and tm.token_positions != self.video.num_frames:
-            raise ConfigError(f"token_mining.token_positions={tm.token_positions} must be 0 or equal "
-                              f"video.num_frames={self.video.num_frames}")
 
     @property
     def tokens_per_video(self) -> int:
@@ -271,9 +252,22 @@ class DataConfig:
     videos: str = ""  # directory the records' video names are under
     val: str = ""  # optional validation JSON (same video directory)
     cache: str = ""  # feature cache from `hilight extract-features`; empty: run the towers every step
-    # JSON lists of {"video", "tracks"} (the billiards generator's {split}-captions.json): the
-    # targets of the frame-facts loss on TokenMining's outputs (TrainConfig.frame_facts_weight)
-    facts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AuxiliaryConfig:
+    """An optional extra loss beside a stage's own, for data that carries more than text (e.g.
+    where every object is in every frame). ``objective`` names its class as ``module:Class``
+    (see :mod:`hilight.training.objectives`); ``data`` lists the files it reads its targets from
+    (alignment reads them from the caption records themselves)."""
+
+    objective: str = ""  # empty: none
+    weight: float = 1.0
+    data: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"auxiliary.weight must be >= 0, got {self.weight}")
 
 
 @dataclass
@@ -313,30 +307,21 @@ class TrainConfig(LoopConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_length: int = 2048
     truncation: Literal["error", "right"] = "right"
-    # Frame facts (which balls each frame shows, and where) predicted from each frame's
-    # TokenMining outputs by a small training-only head; lm_weight 0 skips the LLM entirely
-    # (TokenMining trained on the facts alone, e.g. while the LLM is still random).
-    frame_facts_weight: float = 0.0
-    # one TokenMining slot per object (queries_per_frame == number of objects): slot q of every
-    # frame alone is read for object q's presence and position
-    frame_facts_per_slot: bool = False
-    # the head reads each object by attention over a frame's tokens, as the LLM can (not by slot order)
-    frame_facts_attention: bool = False
+    # an extra loss on the videos' TokenMining outputs (e.g. the billiards recipe's frame facts)
+    auxiliary: AuxiliaryConfig = field(default_factory=AuxiliaryConfig)
+    # 0: the LLM never runs and the auxiliary objective is the whole loss (TokenMining trained
+    # on it alone, e.g. while the LLM is still random)
     lm_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lora.enabled and self.trainable.llm:
             raise ConfigError("trainable.llm (full fine-tune) and lora.enabled exclude each other")
-        if self.frame_facts_weight < 0 or self.lm_weight < 0:
-            raise ConfigError("frame_facts_weight and lm_weight must be >= 0")
-        if self.frame_facts_weight and not self.data.facts:
-            raise ConfigError("frame_facts_weight needs data.facts (files with each video's ball tracks)")
-        if self.frame_facts_per_slot and self.frame_facts_attention:
-            raise ConfigError("frame_facts_per_slot and frame_facts_attention exclude each other")
-        if self.lm_weight == 0 and (not self.frame_facts_weight or self.trainable.llm or self.lora.enabled):
-            raise ConfigError("lm_weight 0 trains TokenMining on the frame facts alone: it needs frame_facts_weight "
-                              "and no LLM training")
+        if self.lm_weight < 0:
+            raise ConfigError(f"lm_weight must be >= 0, got {self.lm_weight}")
+        if self.lm_weight == 0 and (not self.auxiliary.objective or self.trainable.llm or self.lora.enabled):
+            raise ConfigError("lm_weight 0 trains TokenMining on the auxiliary objective alone: it needs "
+                              "auxiliary.objective and no LLM training")
 
 
 STOP_WORDS = ("a", "an", "the", "and", "of", "with", "to", "into", "on", "in", "at", "by", "is", "are", "it", "its",
@@ -367,8 +352,6 @@ class AlignLossConfig:
     threshold: float = 0.0  # sparsity threshold on min-max normalised similarities; 0: 1 / number of patches
     local_temperature: float = 0.07
     language_mask: bool = True  # local loss only on content tokens (no padding, special tokens, stop words)
-    frame_facts_weight: float = 0.0  # per-frame object facts from the data's "tracks" (0: off; see hilight/align.py)
-    facts_position_weight: float = 0.0  # within frame facts: each object's patch also regresses its exact position
     stop_words: list[str] = field(default_factory=lambda: list(STOP_WORDS))
 
 
@@ -390,6 +373,8 @@ class AlignConfig(LoopConfig):
     text_init: str = ""  # optional pretrain_clipvip_base_16.pt: its clipmodel.text_model.* start the text tower
     data: AlignDataConfig = field(default_factory=AlignDataConfig)
     loss: AlignLossConfig = field(default_factory=AlignLossConfig)
+    # an extra loss on the tower's outputs, its targets read from the caption records
+    auxiliary: AuxiliaryConfig = field(default_factory=AuxiliaryConfig)
 
 
 def billiards_small_config(vocab_size: int = 1000) -> HiLightConfig:

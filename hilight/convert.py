@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from hilight.checkpoint import TIED_KEY, build_empty, load_state_strict, tie_llm_embeddings, tied_keys
-from hilight.config import HiLightConfig, llm_config_from_hf
+from hilight.config import SOURCE_FORMATS, HiLightConfig, llm_config_from_hf
+from hilight.errors import ConversionError
 from hilight.model import HiLight
 from hilight.model.clip_vip import CLIPViPVideoTower
 from hilight.model.long_clip import LongCLIPImageTower
@@ -34,7 +35,7 @@ from hilight.model.token_mining import TokenMining
 log = logging.getLogger(__name__)
 
 DROP = None
-FORMATS = ("clipvip", "longclip", "token-mining", "hilight-merged", "gemma")
+FORMATS = SOURCE_FORMATS  # every one has a key map below
 
 _TM = r"(?:query_projector|key_projector|val_projector|LongCLIP_projector|CLIP_VIP_projector|tokenizer_projector)"
 
@@ -72,8 +73,22 @@ KEY_MAPS: dict[str, list[tuple[str, str | None]]] = {
 }
 
 
-class ConversionError(RuntimeError):
-    """A source checkpoint does not have the layout its declared format requires."""
+# ``pretrain_clipvip_base_16.pt`` as the state of an aligner (hilight.training.align): the text
+# tower and temperature start from it too
+KEY_MAPS["clipvip-aligner"] = [
+    (r"(?:module\.)?clipmodel\.text_model\.embeddings\.position_ids", DROP),  # arange buffer
+    # transformers 5 names the CLIP text transformer's children directly (no text_model level)
+    (r"(?:module\.)?clipmodel\.text_model\.(.+)", r"text.encoder.\1"),
+    (r"(?:module\.)?clipmodel\.text_projection\.weight", r"text.text_projection.weight"),
+    (r"(?:module\.)?clipmodel\.logit_scale", r"logit_scale"),
+    *KEY_MAPS["clipvip"][2:],
+]
+
+
+def clipvip_aligner_state(path: Path) -> dict[str, torch.Tensor]:
+    """``pretrain_clipvip_base_16.pt`` renamed for an aligner: ``text.*``, ``logit_scale``,
+    ``video_tower.*``."""
+    return map_keys(torch_state_file(path), "clipvip-aligner", str(path))
 
 
 def map_keys(state: dict[str, torch.Tensor], fmt: str, source: str) -> dict[str, torch.Tensor]:

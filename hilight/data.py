@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from hilight.engine import file_digest
+from hilight.errors import DataError
+from hilight.files import file_digest
 from hilight.model import HiLight, TowerOutputs
 from hilight.text import VIDEO_TOKEN, ChatTokenizer, ConversationError, Encoded, collate, from_llava
 from hilight.video import VideoError, load_video
@@ -46,9 +47,9 @@ def read_records(path: str | Path) -> list[dict]:
     try:
         records = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read JSON ({exc})") from None
+        raise DataError(f"{path}: cannot read JSON ({exc})") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
+        raise DataError(f"{path}: expected a JSON list of records")
     return records
 
 
@@ -89,8 +90,7 @@ def tower_identity(model: HiLight) -> str:
     """Digest of both towers' configs and weights plus the preprocessing settings."""
     h = hashlib.sha256()
     cfg = model.config
-    ablation = [] if cfg.towers == "both" else [cfg.towers]  # caches of full models keep their names
-    h.update(json.dumps([asdict(cfg.video_tower), asdict(cfg.image_tower), asdict(cfg.video), *ablation],
+    h.update(json.dumps([asdict(cfg.video_tower), asdict(cfg.image_tower), asdict(cfg.video)],
                         sort_keys=True).encode())
     for tower in (model.video_tower, model.image_tower):
         for name, tensor in sorted(tower.state_dict().items()):

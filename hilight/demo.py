@@ -16,7 +16,7 @@ import torch
 
 from hilight.checkpoint import load_checkpoint, save_checkpoint
 from hilight.config import tiny_config
-from hilight.engine import GenerationSettings, generate
+from hilight.inference.engine import GenerationSettings, generate
 from hilight.model import HiLight
 from hilight.text import ChatTokenizer, Message, collate
 from hilight.tokenizer import DEMO_CORPUS, train_tokenizer

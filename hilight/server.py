@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.text import VIDEO_TOKEN, ConversationError, Message
 from hilight.video import VideoError
 
@@ -191,8 +191,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         limit = req.max_completion_tokens or req.max_tokens or 256
-        settings = GenerationSettings(max_new_tokens=min(limit, settings_cap), do_sample=req.temperature > 0,
-                                      temperature=req.temperature or 1.0, top_p=req.top_p, top_k=req.top_k)
+        settings = GenerationSettings.from_request(min(limit, settings_cap), req.temperature, req.top_p, req.top_k)
         workdir = Path(tempfile.mkdtemp(prefix="hilight-req-"))
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         gate: Gate = state.setdefault("gate", Gate(max_concurrent, queue_limit))

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from hilight.errors import ConversationError
+
 VIDEO_TOKEN = "<video>"
 VIDEO_PLACEHOLDER_ID = -200
 IGNORE_INDEX = -100
@@ -25,10 +27,6 @@ START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 ROLES = ("user", "model")
 LLAVA_ROLES = {"human": "user", "gpt": "model", "user": "user", "model": "model", "assistant": "model"}
-
-
-class ConversationError(ValueError):
-    """A conversation is malformed or cannot be encoded under the length policy."""
 
 
 @dataclass(frozen=True)

@@ -30,21 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from hilight.config import VideoInputConfig
+from hilight.errors import VideoError
 
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 8192 * 8192  # larger frames are refused as absurd
 SEEK_COST = 8  # a seek costs about as much as decoding this many frames
 PRESCALE_FACTOR = 2  # FFmpeg shrinks frames larger than 2x this factor of S down to this factor x S
-
-
-class VideoError(Exception):
-    """A video cannot be read; ``str(err)`` is ``"<path>: <reason>"``."""
-
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
 
 
 @dataclass

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.errors import ConfigError
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.text import VIDEO_TOKEN, ConversationError
 from hilight.video import VideoError, contact_sheet, decode_video
 
@@ -36,7 +37,7 @@ class Models:
         if default is not None:
             self.paths.setdefault(default.name, default)
         if not self.paths:
-            raise FileNotFoundError("no model: give --model or a --models-dir with checkpoints")
+            raise ConfigError("no model: give --model or a --models-dir with checkpoints")
         self.loaded: dict[str, Engine] = {}
         self.lock = threading.Lock()
 
@@ -90,9 +91,7 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
             yield history, message, session, "type a message"
             return
         videos = [session["videos"][n] for n in chosen or []]
-        settings = GenerationSettings(max_new_tokens=int(max_new), do_sample=temperature > 0,
-                                      temperature=temperature or 1.0, top_p=top_p, top_k=int(top_k),
-                                      num_beams=int(beams))
+        settings = GenerationSettings.from_request(max_new, temperature, top_p, top_k, beams)
         shown = message + (f"\n\n[videos: {', '.join(chosen)}]" if chosen else "")
         history += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
         try:

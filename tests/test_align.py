@@ -4,23 +4,23 @@ import math
 import pytest
 import torch
 
-from hilight.align import (
+from hilight.checkpoint import load_state_strict
+from hilight.cli import main
+from hilight.config import AlignLossConfig, TextTowerConfig, VideoInputConfig, tiny_config
+from hilight.convert import clipvip_aligner_state
+from hilight.evaluation.retrieval import eval_retrieval, retrieval_metrics
+from hilight.model.clip_vip import CLIPViPVideoTower
+from hilight.recipes.billiards_small.facts import TOWER_FACTS, TowerFacts, frame_facts
+from hilight.synth.billiards import TableConfig
+from hilight.synth.dataset import generate_split
+from hilight.training.align import (
     CaptionTokenizer,
     TextTower,
     VideoTextAligner,
-    eval_retrieval,
-    frame_facts,
     global_loss,
-    load_clipvip_text,
-    retrieval_metrics,
     sparc_loss,
     sparc_weights,
 )
-from hilight.cli import main
-from hilight.config import AlignLossConfig, TextTowerConfig, VideoInputConfig, tiny_config
-from hilight.model.clip_vip import CLIPViPVideoTower
-from hilight.synth.billiards import TableConfig
-from hilight.synth.dataset import generate_split
 from tests import synthetic
 
 T1, T2 = [1.0, 0.0], [0.0, 1.0]
@@ -109,7 +109,7 @@ def test_clipvip_text_weights_load_into_the_text_tower(tmp_path, tokenizer):
         state["clipmodel.text_model." + name] = value
     state["clipmodel.text_projection.weight"] = source.text.text_projection.weight.detach()
     torch.save(state, tmp_path / "pretrain_clipvip_base_16.pt")
-    load_clipvip_text(aligner, tmp_path / "pretrain_clipvip_base_16.pt")
+    load_state_strict(aligner, clipvip_aligner_state(tmp_path / "pretrain_clipvip_base_16.pt"))
     for a, b in zip(aligner.text.state_dict().values(), source.text.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
     assert aligner.logit_scale.item() == pytest.approx(4.6)
@@ -128,7 +128,7 @@ def test_align_command_end_to_end(tmp_path, capsys):
                        "num_heads": 2, "max_positions": 96, "projection_dim": 16},
         "data": {"train": str(data / "train-captions.json"), "val": str(data / "val-captions.json"),
                  "videos": str(data / "videos"), "frames_cache": str(tmp_path / "frames")},
-        "loss": {"frame_facts_weight": 1.0},
+        "auxiliary": {"objective": TOWER_FACTS, "weight": 1.0},
         "max_steps": 3, "batch_size": 4, "lr": 1e-3, "save_every": 3, "eval_every": 3, "log_every": 1}))
     assert main(["align", "--config", str(config)]) == 0
     final = tmp_path / "run" / "final"
@@ -139,7 +139,7 @@ def test_align_command_end_to_end(tmp_path, capsys):
     assert not torch.equal(aligned.video_tower.pre_layernorm.weight, base.video_tower.pre_layernorm.weight)
     assert torch.equal(aligned.llm.model.embed_tokens.weight, base.llm.model.embed_tokens.weight)
     result = eval_retrieval(final, data / "val-captions.json", data / "videos")
-    assert result["pairs"] == 4 and 0 <= result["text_to_video"]["R@1"] <= 1
+    assert result["pairs"] == 4 and result["text_to_video"]["R@1"] in (0, 0.25, 0.5, 0.75, 1.0)
     assert any((tmp_path / "frames").iterdir())  # frames were cached
     assert main(["eval-retrieval", "--model", str(final), "--data", str(data / "val-captions.json"),
                  "--videos", str(data / "videos"), "--out", str(tmp_path / "r")]) == 0
@@ -180,9 +180,6 @@ def test_frame_facts_targets_on_a_hand_built_track():
     expected[1, 1], expected[1, 10] = 2, 3
     expected[2, 2] = 2
     assert torch.equal(facts["patch"], expected)
-    torch.testing.assert_close(facts["patch_xy"][0, 11], torch.tensor([0.90, 0.55]))
-    torch.testing.assert_close(facts["patch_xy"][2, 2], torch.tensor([0.50, 0.21]))
-    assert facts["patch_xy"][expected == 0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("tower", ["video", "image"])
@@ -196,25 +193,21 @@ def test_frame_facts_loss_trains_the_tower(tokenizer, tower):
     text_cfg = TextTowerConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
                                num_heads=2, max_positions=64, projection_dim=dim)
     text = TextTower(text_cfg, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    aligner = VideoTextAligner(visual, text, ["cue", "red"])
-    ids, mask, local = CaptionTokenizer(tokenizer, 64, [])(["The red ball.", "A blue ball."], True)
-    grid = 32 // 8
     tracks = {"names": ["cue", "red"], "fps": 10, "radius": 0.02,
               "xy": [[0.1, 0.1, 0.6, 0.6]] * 2 + [[0.2, 0.1, -1, -1]] * 2}
-    rows = [frame_facts(tracks, ["cue", "red"], VideoInputConfig(num_frames=4), grid)] * 2
-    facts = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    records = [{"video": "a.mp4", "caption": "x", "tracks": tracks}] * 2
+    facts = TowerFacts(records, None, visual, VideoInputConfig(num_frames=4, image_size=32))
+    aligner = VideoTextAligner(visual, text, facts, auxiliary_weight=1.0)
+    ids, mask, local = CaptionTokenizer(tokenizer, 64, [])(["The red ball.", "A blue ball."], True)
+    targets = facts.targets(records)
+    assert targets["patch"].shape == (2, 4, 16) and targets["present"].shape == (2, 4, 2)
     pixels = torch.randn(2, 4, 3, 32, 32)
-    plain = aligner(pixels, ids, mask, local, AlignLossConfig())
-    with_facts = aligner(pixels, ids, mask, local, AlignLossConfig(frame_facts_weight=1.0), facts)
+    plain = aligner(pixels, ids, mask, local, AlignLossConfig())  # no targets: the objective is left out
+    with_facts = aligner(pixels, ids, mask, local, AlignLossConfig(), targets)
     assert with_facts > plain  # the facts term is added, and it is positive
     (with_facts - plain).backward()  # the facts term alone
     first = visual.conv1.weight if tower == "image" else visual.embeddings.patch_embedding.weight
-    assert first.grad.abs().sum() > 0 and aligner.facts.patch.weight.grad.abs().sum() > 0
-    assert aligner.facts.position.weight.grad is None  # no position term unless asked for
-    aligner.zero_grad()
-    positions = AlignLossConfig(frame_facts_weight=1.0, facts_position_weight=1.0)
-    (aligner(pixels, ids, mask, local, positions, facts) - with_facts.detach()).backward()
-    assert aligner.facts.position.weight.grad.abs().sum() > 0 and first.grad.abs().sum() > 0
+    assert first.grad.abs().sum() > 0 and aligner.auxiliary.patch.weight.grad.abs().sum() > 0
 
 
 def test_frame_facts_need_tracks(tmp_path, capsys):
@@ -228,7 +221,7 @@ def test_frame_facts_need_tracks(tmp_path, capsys):
     config.write_text(json.dumps({
         "model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
         "data": {"train": str(data / "train-captions.json"), "videos": str(data / "videos")},
-        "loss": {"frame_facts_weight": 1.0}, "max_steps": 1, "batch_size": 2}))
+        "auxiliary": {"objective": TOWER_FACTS}, "max_steps": 1, "batch_size": 2}))
     assert main(["align", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "train-captions.json" in err and "tracks" in err and "1 without" in err

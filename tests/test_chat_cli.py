@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from hilight.demo import moving_balls_clip
-from hilight.engine import Conversation, Engine, GenerationSettings, place_videos, stream_reply
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, place_videos, stream_reply
 from hilight.text import ConversationError
 from hilight.video import write_video
 from tests.conftest import talkative_checkpoint

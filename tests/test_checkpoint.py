@@ -90,3 +90,32 @@ def test_config_json_is_a_serialized_config(tmp_path, model, tokenizer):
     path = save_checkpoint(model, tmp_path / "ckpt", tokenizer)
     meta = json.loads((path / "config.json").read_text())
     assert from_dict(HiLightConfig, meta["config"]) == model.config
+
+
+def test_loading_leaves_trainability_to_the_caller(tmp_path, model, tokenizer):
+    from hilight.checkpoint import load_checkpoint, save_checkpoint
+    from hilight.config import TrainableConfig
+
+    model.set_trainable(TrainableConfig(token_mining=True))
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer)
+    assert "trainable" not in json.loads((tmp_path / "ckpt" / "config.json").read_text())["config"]
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert all(p.requires_grad for p in loaded.parameters())  # torch's default, as for a model just built
+
+
+def test_a_version_1_checkpoint_loads_without_its_training_state(tmp_path, model, tokenizer):
+    from hilight.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer)
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    meta["format_version"] = 1
+    meta["config"].update(trainable={"video_tower": False, "image_tower": False, "token_mining": True, "llm": True},
+                          towers="both")
+    meta["config"]["token_mining"]["token_positions"] = 0
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    meta["config"]["towers"] = "video"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="towers='video', an option this version of HiLight no longer has"):
+        load_checkpoint(tmp_path / "ckpt")

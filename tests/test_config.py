@@ -36,8 +36,8 @@ def test_unknown_fields_and_wrong_types_are_rejected():
 
 
 def test_dotted_overrides():
-    cfg = apply_overrides(preset("tiny"), ["trainable.token_mining=true", "text.max_length=64", "llm.rms_norm_eps=1e-5"])
-    assert cfg.trainable.token_mining and cfg.text.max_length == 64 and cfg.llm.rms_norm_eps == 1e-5
+    cfg = apply_overrides(preset("tiny"), ["token_mining.frame_local=true", "text.max_length=64", "llm.rms_norm_eps=1e-5"])
+    assert cfg.token_mining.frame_local and cfg.text.max_length == 64 and cfg.llm.rms_norm_eps == 1e-5
     with pytest.raises(ConfigError, match="unknown field"):
         apply_overrides(cfg, ["llm.nope=1"])
     with pytest.raises(ConfigError, match="key=value"):

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from hilight.engine import Conversation, Engine, GenerationSettings, resolve_dtype, stream_reply
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, resolve_dtype, stream_reply
 from hilight.model import HiLight
 from tests.conftest import clips, talkative_checkpoint
 
@@ -63,7 +63,7 @@ def _answer(engine: Engine, clip) -> str:
 def test_int8_llm_stays_close_and_answers(tmp_path, tokenizer):
     import pytest
 
-    from hilight.quantize import Int8Linear, quantize_llm
+    from hilight.inference.quantize import Int8Linear, quantize_llm
 
     path, _, quantized, ref, low, clip = _converted(tmp_path, tokenizer, "int8", Int8Linear)
     assert (F.cosine_similarity(ref, low, dim=-1) > 0.99).all()
@@ -76,7 +76,7 @@ def test_int8_llm_stays_close_and_answers(tmp_path, tokenizer):
 def test_packed_llm_gives_the_same_answers(tmp_path, tokenizer):
     import pytest
 
-    from hilight.quantize import PackedLinear
+    from hilight.inference.quantize import PackedLinear
 
     path, plain, packed, ref, out, clip = _converted(tmp_path, tokenizer, "packed", PackedLinear)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)  # the same bf16 values, another summation order
@@ -88,8 +88,8 @@ def test_packed_llm_gives_the_same_answers(tmp_path, tokenizer):
 def test_auto_packs_only_wide_bf16_models_on_a_cpu_with_native_bf16(monkeypatch, config):
     import pytest
 
-    from hilight import quantize
-    from hilight.quantize import resolve_quantize
+    from hilight.inference import quantize
+    from hilight.inference.quantize import resolve_quantize
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     if not quantize._packing_works():
@@ -110,7 +110,7 @@ def test_auto_packs_only_wide_bf16_models_on_a_cpu_with_native_bf16(monkeypatch,
 
 
 def test_int8_linear_paths_agree_and_quantize_in_chunks():
-    from hilight.quantize import Int8Linear
+    from hilight.inference.quantize import Int8Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 300).to(torch.bfloat16)

@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
-import hilight.engine as engine_module
+import hilight.inference.engine as engine_module
 from hilight.config import tiny_config
 from hilight.demo import moving_balls_clip
-from hilight.engine import Conversation, Engine, GenerationSettings, PromptCache, position_keys, stream_reply
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, PromptCache, position_keys, stream_reply
 from hilight.model import HiLight
 from hilight.text import Message
 from hilight.video import write_video

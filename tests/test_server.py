@@ -9,7 +9,7 @@ import pytest
 import uvicorn
 
 from hilight.demo import moving_balls_clip
-from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.server import create_app
 from hilight.video import write_video
 from tests.conftest import free_port, talkative_checkpoint

@@ -13,11 +13,11 @@ from hilight.checkpoint import load_checkpoint
 from hilight.cli import main
 from hilight.config import TrainConfig, apply_overrides, from_dict, load_yaml
 from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
-from hilight.loop import epoch_batches as _batches
 from hilight.synth.billiards import TableConfig
 from hilight.synth.dataset import generate_split
 from hilight.text import Message, collate
-from hilight.train import set_stage, train
+from hilight.training.loop import epoch_batches as _batches
+from hilight.training.vlm import set_stage, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,13 +150,15 @@ def test_data_check_lists_bad_samples(workspace, capsys):
     records[0] = dict(records[0], video="missing.mp4")
     path = workspace / "bil" / "check.json"
     path.write_text(json.dumps(records))
-    assert main(["data", "check", str(path), "--videos", str(workspace / "bil" / "videos"),
-                 "--model", str(workspace / "base"), "--max-length", "40"]) == 0
+    check = ["data", "check", str(path), "--videos", str(workspace / "bil" / "videos"), "--model", str(workspace / "base")]
+    assert main(check) == 0
     out = capsys.readouterr().out
-    assert "5 records" in out and "bad" in out
+    assert "5 records, 4 usable, 1 bad" in out and "1 unreadable" in out
     bad = json.loads(path.with_suffix(".bad.json").read_text())
-    assert any(b["reason"].startswith("missing") or "missing.mp4" in b["reason"] for b in bad) or bad
-    assert any("exceed max_length 40" in b["reason"] for b in bad)
+    assert [b["id"] for b in bad] == [str(records[0]["id"])] and "missing.mp4" in bad[0]["reason"]
+    assert main([*check, "--max-length", "40", "--strict"]) == 1  # every sample is now too long
+    bad = json.loads(path.with_suffix(".bad.json").read_text())
+    assert len(bad) == 5 and all("exceed max_length 40" in b["reason"] for b in bad)
 
 
 def test_feature_cache_keys_follow_towers_and_preprocessing(workspace):
@@ -244,20 +246,23 @@ def test_gradient_checkpointing_and_accumulation(workspace):
     assert result["steps"] == 2 and len(ranks["samples"]) == 2 * 2 * cfg.batch_size  # 2 micro-batches per step
     assert result["final_loss"] == result["final_loss"]  # finite, not NaN
     model, _ = load_checkpoint(workspace / "gc" / "final")
-    assert model.config.trainable.llm
+    assert "trainable" not in json.loads((workspace / "gc" / "final" / "config.json").read_text())["config"]
 
 
 def _facts_config(root: Path, out: str, model: Path, lm_weight: float, llm: bool) -> TrainConfig:
+    from hilight.recipes.billiards_small.facts import MINED_FACTS
+
     cfg = _config(root, out, **{"trainable.token_mining": "true", "trainable.llm": str(llm).lower()})
     cfg.model = str(model)
-    cfg.data.facts = [str(root / "bil" / "train-captions.json"), str(root / "bil" / "val-captions.json")]
-    cfg.frame_facts_weight, cfg.lm_weight = 1.0, lm_weight
+    cfg.auxiliary.objective = MINED_FACTS
+    cfg.auxiliary.data = [str(root / "bil" / "train-captions.json"), str(root / "bil" / "val-captions.json")]
+    cfg.lm_weight = lm_weight
     cfg.__post_init__()
     return cfg
 
 
 def test_frame_facts_stage_trains_token_mining_alone_then_hands_its_head_on(workspace, caplog):
-    from hilight.train import FACTS_HEAD
+    from hilight.recipes.billiards_small.facts import HEAD_FILE
 
     base, _ = load_checkpoint(workspace / "base")
     stage1 = train(_facts_config(workspace, "facts1", workspace / "base", lm_weight=0.0, llm=False))
@@ -265,84 +270,45 @@ def test_frame_facts_stage_trains_token_mining_alone_then_hands_its_head_on(work
     before, after = base.state_dict(), tuned.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("token_mining."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("token_mining."))
-    assert (Path(stage1["final"]) / FACTS_HEAD).is_file()
-    assert not any(k.startswith("facts.") or k.startswith("model.") for k in after)  # the head is not in the model
+    assert (Path(stage1["final"]) / HEAD_FILE).is_file()
+    assert not any(k.startswith(("auxiliary.", "model.")) for k in after)  # the head is not in the model
     rows = [json.loads(x) for x in (workspace / "facts1" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in rows) and any("val_loss" in r for r in rows)
-    with caplog.at_level("INFO", logger="hilight.train"):
+    with caplog.at_level("INFO", logger="hilight.training.vlm"):
         stage2 = train(_facts_config(workspace, "facts2", Path(stage1["final"]), lm_weight=1.0, llm=True))
-    assert "frame-facts head continued" in caplog.text
-    assert (Path(stage2["final"]) / FACTS_HEAD).is_file()
+    assert "auxiliary head continued" in caplog.text
+    assert (Path(stage2["final"]) / HEAD_FILE).is_file()
 
 
-def test_per_slot_frame_facts_read_each_object_from_its_own_slot():
-    from hilight.train import MinedFacts
+def test_a_frame_facts_head_for_other_balls_is_not_continued(workspace, tmp_path, caplog):
+    from hilight.checkpoint import read_config
+    from hilight.recipes.billiards_small.facts import MinedFacts
 
-    torch.manual_seed(0)
-    head = MinedFacts(["blue", "cue", "red"], 3, 4, per_slot=True)
-    embeds = torch.randn(2, 2 * 3, 4)  # 2 videos, 2 frames of 3 slots
-    base = head.predict(embeds)
-    assert base.shape == (2, 2, 3, 3)
-    changed = embeds.clone()
-    changed[1, 3 + 2] += 1.0  # video 1, frame 1, slot 2 ("red")
-    moved = (head.predict(changed) - base).abs().amax(dim=2)  # [V, T, C]
-    assert moved[1, 1, 2] > 1e-4 and moved.sum() == moved[1, 1, 2]
-    present = torch.tensor([[[1.0, 1.0, 0.0]] * 2] * 2)
-    head.loss(embeds, present, torch.rand(2, 2, 3, 2)).backward()
-    assert head.slot_weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="one query per object: 4 queries per frame, 3 objects"):
-        MinedFacts(["blue", "cue", "red"], 4, 4, per_slot=True)
-
-
-def test_attention_frame_facts_read_objects_by_content_not_by_slot_order():
-    from hilight.train import MinedFacts
-
-    torch.manual_seed(0)
-    embeds = torch.randn(2, 2 * 3, 8)  # 2 videos, 2 frames of 3 slots
-    shuffled = embeds.view(2, 2, 3, 8)[:, :, [2, 0, 1]].reshape(2, 6, 8)  # each frame's slots in another order
-    attention = MinedFacts(["blue", "cue", "red"], 3, 8, attention=True)
-    assert torch.allclose(attention.predict(embeds), attention.predict(shuffled), atol=1e-5)
-    concat = MinedFacts(["blue", "cue", "red"], 3, 8)
-    assert not torch.allclose(concat.predict(embeds), concat.predict(shuffled), atol=1e-3)
-    # a frame's facts stay its own: changing frame 1 of video 0 moves only that frame's predictions
-    changed = embeds.clone()
-    changed[0, 4] += 1.0
-    moved = (attention.predict(changed) - attention.predict(embeds)).abs().sum(dim=(2, 3))  # [V, T]
-    assert moved[0, 1] > 1e-4 and moved.sum() == moved[0, 1]
-    present = torch.tensor([[[1.0, 0.0, 1.0]] * 2] * 2)
-    attention.loss(embeds, present, torch.rand(2, 2, 3, 2)).backward()
-    assert attention.object_queries.grad.abs().sum() > 0 and attention.keys.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="per slot or by attention, not both"):
-        MinedFacts(["blue", "cue", "red"], 3, 8, per_slot=True, attention=True)
-
-
-def test_a_frame_facts_head_of_another_kind_is_not_continued(tmp_path, caplog):
-    from hilight.train import MinedFacts
-
-    MinedFacts(["blue", "cue", "red"], 3, 4).save(tmp_path / "head.safetensors")
-    with caplog.at_level("WARNING", logger="hilight.train"):
-        assert not MinedFacts(["blue", "cue", "red"], 3, 4, per_slot=True).load_if_matching(tmp_path / "head.safetensors")
+    config = read_config(workspace / "base")
+    captions = json.loads((workspace / "bil" / "train-captions.json").read_text())
+    (tmp_path / "all.json").write_text(json.dumps(captions))
+    head = MinedFacts([str(tmp_path / "all.json")], workspace / "bil" / "videos", config)
+    head.save(tmp_path)
+    assert MinedFacts([str(tmp_path / "all.json")], workspace / "bil" / "videos", config).load(tmp_path)
+    fewer = [dict(c, tracks={**c["tracks"], "names": c["tracks"]["names"][:1], "xy": [xy[:2] for xy in c["tracks"]["xy"]]})
+             for c in captions]
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    with caplog.at_level("WARNING", logger="hilight.recipes.billiards_small.facts"):
+        assert not MinedFacts([str(tmp_path / "fewer.json")], workspace / "bil" / "videos", config).load(tmp_path)
     assert "starting a fresh one" in caplog.text
-    assert MinedFacts(["blue", "cue", "red"], 3, 4).load_if_matching(tmp_path / "head.safetensors")
-    MinedFacts(["blue", "cue", "red"], 3, 4, attention=True).save(tmp_path / "attention.safetensors")
-    assert MinedFacts.saved(tmp_path / "attention.safetensors", ["blue", "cue", "red"], 3, 4).attention
-    assert not MinedFacts.saved(tmp_path / "head.safetensors", ["blue", "cue", "red"], 3, 4).attention
-    with pytest.raises(ValueError, match="for other objects or sizes"):
-        MinedFacts.saved(tmp_path / "head.safetensors", ["blue", "cue"], 3, 4)
 
 
 def test_frame_facts_config_errors(workspace, tmp_path):
     from hilight.config import ConfigError
+    from hilight.errors import DataError
 
-    with pytest.raises(ConfigError, match="needs data.facts"):
-        _config(workspace, "x", frame_facts_weight="1")
     with pytest.raises(ConfigError, match="no LLM training"):
         _facts_config(workspace, "x", workspace / "base", lm_weight=0.0, llm=True)
-    with pytest.raises(ConfigError, match="exclude each other"):
-        _config(workspace, "x", frame_facts_per_slot="true", frame_facts_attention="true")
+    with pytest.raises(ConfigError, match="expected 'module:Class'"):
+        train(_config(workspace, "x", **{"auxiliary.objective": "nothing"}))
     captions = json.loads((workspace / "bil" / "train-captions.json").read_text())
     (tmp_path / "few.json").write_text(json.dumps(captions[:2]))
     cfg = _facts_config(workspace, "facts-missing", workspace / "base", lm_weight=0.0, llm=False)
-    cfg.data.facts = [str(tmp_path / "few.json")]
-    with pytest.raises(ValueError, match="few.json: no ball tracks for"):
+    cfg.auxiliary.data = [str(tmp_path / "few.json")]
+    with pytest.raises(DataError, match="few.json: no auxiliary targets for"):
         train(cfg)

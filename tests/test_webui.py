@@ -9,7 +9,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from hilight.demo import moving_balls_clip  # noqa: E402
-from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply  # noqa: E402
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply  # noqa: E402
 from hilight.video import write_video  # noqa: E402
 from hilight.webui import Models, launch  # noqa: E402
 from tests.conftest import free_port, talkative_checkpoint  # noqa: E402

@@ -36,5 +36,9 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
-AttentionInterface.register(NAME, attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)  # masks as SDPA gets them (without one: no padding mask at all)
+def register() -> str:
+    """Make the attention known to transformers under :data:`NAME` (done when a model is
+    built; registering again is harmless). Returns the name."""
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # masks as SDPA gets them (without one: no padding mask at all)
+    return NAME

@@ -166,6 +166,19 @@ class CLIPViPVideoTower(nn.Module):
                 x = layer(x, num_frames)
         return x
 
+    def normalized(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The final layer norm of every token [..., D] (what the pooled and patch embeddings project)."""
+        return self.post_layernorm(last_hidden)
+
+    def projection(self, states: torch.Tensor) -> torch.Tensor:
+        """Normalised states [..., D] -> the contrastive embedding space [..., projection_dim]."""
+        return self.visual_projection(states)
+
     def pooled(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Projected CLS embedding [B, projection_dim] (not normalised)."""
-        return self.visual_projection(self.post_layernorm(last_hidden[:, 0]))
+        return self.projection(self.normalized(last_hidden[:, 0]))
+
+    def patch_tokens(self, last_hidden: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Normalised patch states [B, T, L, D] (the CLS and proxy tokens left out)."""
+        patches = self.normalized(last_hidden[:, self.cfg.num_proxy_tokens:])  # [B, T*L, D]
+        return patches.view(len(patches), num_frames, -1, patches.shape[-1])

@@ -1,7 +1,7 @@
 """The HiLight model: two frozen vision towers, TokenMining, and a Gemma decoder.
 
 The model is pure: ``forward`` returns loss and logits. Generation, sampling and caching of
-per-video features live in :mod:`hilight.engine`.
+per-video features live in :mod:`hilight.inference.engine`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ COMPONENTS = ("video_tower", "image_tower", "token_mining", "llm")
 class TowerOutputs:
     """What the frozen towers produce for V videos; this is what a feature cache stores."""
 
-    video: torch.Tensor  # CLIP-ViP last hidden state [V, M + T*L, Dv] (towers="image": Long-CLIP's [V, T*L, Dv])
-    image: torch.Tensor  # Long-CLIP projected CLS per frame [V, T, Di] (towers="video": [V, 0])
+    video: torch.Tensor  # CLIP-ViP last hidden state [V, M + T*L, Dv]
+    image: torch.Tensor  # Long-CLIP projected CLS per frame [V, T, Di]
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -51,43 +51,29 @@ class HiLight(nn.Module):
         self.image_tower = LongCLIPImageTower(config.image_tower)
         self.token_mining = TokenMining(config.token_mining)
         self.llm = GemmaForCausalLM(config.llm.to_gemma())
-        self.llm.set_attn_implementation(attention.NAME)  # SDPA, with a faster CPU decoding step
+        self.llm.set_attn_implementation(attention.register())  # SDPA, with a faster CPU decoding step
         # In a prefill the LM head reads a slice (the last position) of the hidden states, a
         # [B, 1, D] view with the prompt's strides; torch's CPU matmul then takes the bmm path and
         # copies the whole transposed weight first (1 GB for Gemma's 256k vocabulary: 5.6 s of a
         # 6.7 s follow-up prefill here). Standard strides keep it one plain matrix product.
         self.llm.lm_head.register_forward_pre_hook(_contiguous_input)
-        if config.towers == "video":  # ablation: per-frame queries learned, not seen
-            frames = torch.randn(config.video.num_frames, config.token_mining.image_dim)
-            self.token_mining.register_parameter("frame_queries", nn.Parameter(frames))
-        self.set_trainable(config.trainable)
 
     def set_trainable(self, trainable: TrainableConfig) -> None:
-        """Freeze or unfreeze whole components; a training stage is a value of ``trainable``."""
+        """Freeze or unfreeze whole components; a training stage is a value of ``trainable``
+        (it belongs to the training config, never to a checkpoint)."""
         for name in COMPONENTS:
             getattr(self, name).requires_grad_(getattr(trainable, name))
-        self.config.trainable = trainable
 
     def encode_videos(self, pixel_values: torch.Tensor) -> TowerOutputs:
         """Run both towers on V clips [V, T, 3, H, W]; all frames go through Long-CLIP as one batch."""
-        if self.config.towers == "video":
-            return TowerOutputs(video=self.video_tower(pixel_values), image=pixel_values.new_zeros(len(pixel_values), 0))
-        if self.config.towers == "image":
-            v, t = pixel_values.shape[:2]
-            tokens = self.image_tower.tokens(pixel_values.flatten(0, 1))  # [V*T, 1 + L, D]
-            frames = self.image_tower.project(tokens[:, 0]).view(v, t, -1)
-            return TowerOutputs(video=tokens[:, 1:].reshape(v, -1, tokens.shape[-1]), image=frames)
         return TowerOutputs(video=self.video_tower(pixel_values), image=self.image_tower(pixel_values))
 
     def video_embeddings(self, towers: TowerOutputs) -> torch.Tensor:
         """TokenMining output [V, T*Q, D_llm] for tower outputs of V videos."""
         dtype = self.token_mining.CLIP_VIP_projector[0].weight.dtype
-        image = towers.image
-        if self.config.towers == "video":
-            image = self.token_mining.frame_queries.expand(len(towers.video), -1, -1)
-        # CLIP-ViP's output starts with its CLS and proxy tokens; Long-CLIP patch tokens do not
-        global_tokens = 0 if self.config.towers == "image" else 1 + self.config.video_tower.add_cls_num
-        return self.token_mining(towers.video.to(dtype), image.to(dtype), global_tokens)
+        # CLIP-ViP's output starts with its CLS and proxy tokens (clip-level, not of one frame)
+        global_tokens = self.config.video_tower.num_proxy_tokens
+        return self.token_mining(towers.video.to(dtype), towers.image.to(dtype), global_tokens)
 
     def embed(self, input_ids: torch.Tensor, video_embeds: torch.Tensor | None) -> torch.Tensor:
         """Text embeddings with every placeholder run replaced by its video's embeddings.

@@ -85,9 +85,25 @@ class LongCLIPImageTower(nn.Module):
         """[N, 3, H, W] -> [N, output_dim]."""
         return self.project(self.tokens(images)[:, 0])  # [N, output_dim]
 
+    def normalized(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Transformer outputs [..., D] after the final layer norm."""
+        return self.ln_post(tokens)
+
+    def projection(self, states: torch.Tensor) -> torch.Tensor:
+        """Normalised states [..., D] -> embeddings [..., output_dim]."""
+        return states @ self.proj
+
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Transformer outputs [..., D] -> embeddings [..., output_dim] (ln_post, proj)."""
-        return self.ln_post(tokens) @ self.proj
+        return self.projection(self.normalized(tokens))
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected CLS embedding [N, output_dim] of each image [N, 3, H, W]."""
+        return self.encode_images(images)
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised patch states [N, L, D] of each image [N, 3, H, W] (CLS left out)."""
+        return self.normalized(self.tokens(images)[:, 1:])
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Transformer outputs [N, 1 + g*g, D] (CLS first), before ln_post."""

@@ -13,17 +13,13 @@ from torch import nn
 
 from hilight.config import TokenMiningConfig
 
-PATCH_CODE_DIM = 32  # patch_positions: 8 frequencies x (sine, cosine) x (column, row)
-
 
 class TokenMining(nn.Module):
     """``forward(video_tokens [B, S, Dv], frame_embeds [B, T, Di]) -> [B, T*Q, D_llm]``.
 
-    The options of :class:`TokenMiningConfig` (all off for the released weights) add a
+    The two options of :class:`TokenMiningConfig` (both off for the released weights) add a
     learned ``slot_queries`` [Q, Di] to every frame's queries and restrict each frame's queries
-    to its own patch tokens (``frame_local``); ``token_positions`` adds a learned
-    ``token_positions`` [T*Q, D_llm] to the output, one vector per frame and slot;
-    ``patch_positions`` adds where each patch is to its value (``patch_position_projector``)."""
+    to its own patch tokens (``frame_local``)."""
 
     def __init__(self, cfg: TokenMiningConfig):
         super().__init__()
@@ -39,12 +35,6 @@ class TokenMining(nn.Module):
         )
         if cfg.slot_queries:
             self.slot_queries = nn.Parameter(torch.empty(q, di))
-        if cfg.token_positions:
-            self.token_positions = nn.Parameter(torch.empty(cfg.token_positions * q, dl))
-        if cfg.patch_positions:
-            if not cfg.frame_local:
-                raise ValueError("TokenMining: patch_positions needs frame_local")
-            self.patch_position_projector = nn.Linear(PATCH_CODE_DIM, di)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -58,8 +48,6 @@ class TokenMining(nn.Module):
                 nn.init.zeros_(module.bias)
         if self.cfg.slot_queries:
             nn.init.normal_(self.slot_queries, std=0.5)
-        if self.cfg.token_positions:
-            nn.init.normal_(self.token_positions, std=0.1)
 
     def queries(self, frame_embeds: torch.Tensor) -> torch.Tensor:
         """[B, T, Di] -> [B, T*Q, Di]: every scalar of every frame embedding expanded Q ways."""
@@ -84,20 +72,6 @@ class TokenMining(nn.Module):
         allowed = frame_of_token.unsqueeze(0) == (torch.arange(num_frames * q) // q).unsqueeze(1)  # [T*Q, T*L]
         return torch.cat([torch.zeros(num_frames * q, global_tokens, dtype=torch.bool), allowed], dim=1)
 
-    def patch_codes(self, num_tokens: int, num_frames: int, global_tokens: int) -> torch.Tensor:
-        """[S, PATCH_CODE_DIM]: sines and cosines of every patch token's column and row centre
-        (fractions of the frame; frames are square grids of patches, row by row), zero for the
-        clip-level tokens."""
-        per_frame = (num_tokens - global_tokens) // num_frames
-        side = math.isqrt(per_frame)
-        if side * side != per_frame:
-            raise ValueError(f"TokenMining: {per_frame} patches per frame are not a square grid")
-        cell = torch.arange(per_frame)
-        where = torch.stack([cell % side, cell // side], dim=-1).float().add(0.5).div(side)  # [L, 2] x, y
-        angles = where.unsqueeze(-1) * (math.pi * torch.arange(1, PATCH_CODE_DIM // 4 + 1))  # [L, 2, F]
-        codes = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # [L, 4F]
-        return torch.cat([torch.zeros(global_tokens, PATCH_CODE_DIM), codes.repeat(num_frames, 1)])
-
     def forward(self, video_tokens: torch.Tensor, frame_embeds: torch.Tensor, global_tokens: int = 0) -> torch.Tensor:
         """``global_tokens``: how many leading video tokens are clip-level (CLS and proxies),
         used only by ``frame_local``."""
@@ -108,9 +82,6 @@ class TokenMining(nn.Module):
         q = self.query_projector(queries)
         k = self.key_projector(video)  # [B, S, Di]
         v = self.val_projector(video)  # [B, S, Di]
-        if self.cfg.patch_positions:
-            codes = self.patch_codes(video_tokens.shape[1], frame_embeds.shape[1], global_tokens)
-            v = v + self.patch_position_projector(codes.to(v.device, v.dtype))
         # Single-head attention; the original divides the keys before the product and maps
         # NaN/inf to finite values before the softmax.
         scores = (q @ (k.transpose(-1, -2) / math.sqrt(self.cfg.image_dim))).nan_to_num()  # [B, T*Q, S]
@@ -118,10 +89,4 @@ class TokenMining(nn.Module):
             allowed = self.frame_mask(video_tokens.shape[1], frame_embeds.shape[1], global_tokens).to(scores.device)
             scores = scores.masked_fill(~allowed, float("-inf"))
         mined = torch.softmax(scores, dim=-1) @ v  # [B, T*Q, Di]
-        out = self.tokenizer_projector(mined)  # [B, T*Q, D_llm]
-        if self.cfg.token_positions:
-            if out.shape[1] != self.token_positions.shape[0]:
-                raise ValueError(f"TokenMining: {frame_embeds.shape[1]} frames, but token_positions was "
-                                 f"learned for {self.cfg.token_positions}")
-            out = out + self.token_positions
-        return out
+        return self.tokenizer_projector(mined)  # [B, T*Q, D_llm]

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from hilight.errors import ConfigError
 from hilight.synth.billiards import ShotTruth, TableConfig, image_tracks, random_camera, render, simulate
-from hilight.synth.qa import QA, caption, pair_qas, single_qas
+from hilight.synth.qa import KINDS, QA, caption, pair_qas, single_qas
 from hilight.video import write_video
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def _record(rid: str, videos: list[str], qas: list[QA], layout: str) -> dict:
         turns.append({"from": "human", "value": layout.format(q=qa.question) if k == 0 else qa.question})
         turns.append({"from": "gpt", "value": qa.answer})
     return {"id": rid, "video": videos[0] if len(videos) == 1 else videos, "conversations": turns,
-            "meta": {"types": [qa.qtype for qa in qas], "truth": [qa.truth for qa in qas]}}
+            "meta": {"types": [qa.qtype for qa in qas], "kinds": [KINDS[qa.qtype] for qa in qas],
+                     "truth": [qa.truth for qa in qas]}}
 
 
 def conversations(split: str, truths: list[ShotTruth], seed: int) -> list[dict]:
@@ -114,7 +116,7 @@ def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfi
                    workers: int = 1) -> SplitFiles:
     """Generate ``clips`` clips of ``split`` under ``out`` (see the module docstring)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     cfg = cfg or TableConfig()
     video_dir = out / "videos"
     video_dir.mkdir(parents=True, exist_ok=True)

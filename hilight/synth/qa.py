@@ -1,7 +1,7 @@
 """Questions, canonical answers and captions for billiards clips.
 
 Every question type has a *kind* that decides how an answer is scored (see
-:mod:`hilight.scoring`), a truth value computed from the simulation, at least five
+:mod:`hilight.evaluation.scoring`), a truth value computed from the simulation, at least five
 paraphrased questions, and a short natural canonical answer from which the scorer recovers
 exactly the truth value.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hilight.synth.billiards import BALL_COLOURS, ShotTruth
+from hilight.synth.billiards import ShotTruth
 
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -165,84 +165,6 @@ def pair_qas(a: ShotTruth, b: ShotTruth, rng: np.random.Generator) -> list[QA]:
     for qtype, (v, ans) in (("which_pocketed", (value, answer)), ("which_more_left", more)):
         out.append(QA(qtype, QUESTIONS[qtype][int(rng.integers(len(QUESTIONS[qtype])))], ans, v))
     return out
-
-
-LISTING_ORDER = ["cue", *BALL_COLOURS]
-INVENTORY_QUESTIONS = {
-    "balls_start": "Which balls are on the table at the start?",
-    "balls_end": "Which balls are on the table at the end?",
-    "balls_gone": "Which balls left the table?",
-}
-
-
-def _listing(balls: list[str]) -> str:
-    """"The cue, blue and red balls." in one fixed order (cue, then the colours as BALL_COLOURS
-    lists them): a list is then a check of each colour in turn (in the tracks' own, random
-    order, the model listed the first frame's balls exactly in 23 % of test clips)."""
-    if not balls:
-        return "No ball."
-    balls = sorted(balls, key=LISTING_ORDER.index)
-    named = ", ".join(balls[:-1]) + " and " + balls[-1] if len(balls) > 1 else balls[0]
-    return f"The {named} ball{'s' if len(balls) > 1 else ''}."
-
-
-def inventory_qas(start: list[str], end: list[str]) -> list[QA]:
-    """Training-only questions that read single frames: which balls the first and the last
-    frame shown to the model hold, and which left the table in between. They teach a small LLM
-    where in the visual tokens the balls are; the evaluation never asks them."""
-    gone = [b for b in start if b not in end]
-    values = {"balls_start": start, "balls_end": end, "balls_gone": gone}
-    return [QA(t, INVENTORY_QUESTIONS[t], _listing(v), ",".join(v) or "none") for t, v in values.items()]
-
-
-MOTION_QUESTION = "Which coloured balls moved?"
-
-
-def motion_qa(moved: list[str]) -> QA:
-    """Training-only: the coloured balls that moved or left the table during the frames shown.
-    In half of the clips one ball moved, the one the cue ball hit first."""
-    return QA("balls_moved", MOTION_QUESTION, _listing(moved), ",".join(moved) or "none")
-
-
-POSITION_QUESTIONS = {
-    "where_start": "Where is each ball at the start?",
-    "where_last": "Where was each ball last seen?",
-}
-
-
-def region(x: float, y: float) -> str:
-    """The sixth of the frame a position (fractions of the frame) lies in, named like the pocket
-    there: ``top-left`` ... ``bottom-right``."""
-    return f"{'top' if y < 0.5 else 'bottom'}-{'left' if x < 1 / 3 else 'right' if x > 2 / 3 else 'middle'}"
-
-
-def position_qas(start: dict[str, tuple[float, float]], last: dict[str, tuple[float, float]]) -> list[QA]:
-    """Training-only questions that read positions: the region of every ball in the first frame
-    shown to the model, and where each was last seen (for a pocketed ball, the pocket's region).
-    ``start`` and ``last`` map a ball to its position. Like the inventory questions they teach
-    a small LLM to read its visual tokens (here: where a ball is), in the fixed colour order."""
-
-    def listing(where: dict[str, tuple[float, float]]) -> str:
-        if not where:
-            return "No ball."
-        balls = sorted(where, key=LISTING_ORDER.index)
-        return "; ".join(f"{b} ball: {region(*where[b]).replace('-', ' ')}" for b in balls).capitalize() + "."
-
-    values = {"where_start": start, "where_last": last}
-    return [QA(t, POSITION_QUESTIONS[t], listing(v), ",".join(f"{b}@{region(*v[b])}" for b in v) or "none")
-            for t, v in values.items()]
-
-
-CUE_PATH_QUESTION = "How does the cue ball move from frame to frame?"
-
-
-def cue_path_qa(steps: list[str]) -> QA:
-    """Training-only: the cue ball's step between each two frames shown, as a direction
-    (``direction_name``), ``still`` or ``gone``. The first step is the cue ball's direction,
-    and reversals between steps are its cushions, the two question types a small LLM learns
-    least from the answers alone."""
-    words = [s.replace("-", " ") for s in steps]
-    return QA("cue_path", CUE_PATH_QUESTION, (", ".join(words) + ".").capitalize(), ",".join(steps))
 
 
 def caption(truth: ShotTruth) -> str:

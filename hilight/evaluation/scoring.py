@@ -26,7 +26,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from hilight.synth.billiards import BALL_COLOURS
+# the colour words of a ``colour`` answer (the billiards balls' colours)
+COLOURS = ("yellow", "blue", "red", "purple", "orange", "green", "maroon", "black", "pink")
+KINDS = ("colour", "pocket", "yesno", "number", "direction", "clip")
 
 _NUMBERS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -52,7 +54,7 @@ def extract(kind: str, answer: str) -> str | None:
     words = normalize(answer)
     if kind == "colour":
         text = " ".join(words).replace("cue ball", " ").replace("white ball", " ").split()
-        colour = next((w for w in text if w in BALL_COLOURS), None)
+        colour = next((w for w in text if w in COLOURS), None)
         return colour or ("none" if _NEGATION & set(text) else None)
     if kind == "pocket":
         for i, w in enumerate(words[:-1]):

@@ -17,6 +17,8 @@ import functools
 import torch
 from torch import nn
 
+from hilight.errors import ConfigError
+
 QUANTIZE = ("auto", "none", "int8", "packed")
 
 
@@ -30,7 +32,7 @@ def resolve_quantize(mode: str, model, device: str | torch.device) -> str:
     runs bf16 natively (the same values, decoding 1.5x faster at full size, see the README),
     otherwise ``none``; other modes as given."""
     if mode not in QUANTIZE:
-        raise ValueError(f"unknown quantization {mode!r} ({', '.join(QUANTIZE)})")
+        raise ConfigError(f"unknown quantization {mode!r} ({', '.join(QUANTIZE)})")
     if mode != "auto":
         return mode
     usable = (next(model.llm.parameters()).dtype == torch.bfloat16 and torch.device(device).type == "cpu"
@@ -63,7 +65,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         weight = linear.weight.detach()
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
-            raise ValueError("packed weights are for bf16 models on CPU (--dtype bf16)")
+            raise ConfigError("packed weights are for bf16 models on CPU (--dtype bf16)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, None))
         self.dtype = weight.dtype

@@ -2,8 +2,9 @@
 
 Every model turn of every record is one item: the conversation up to that question (earlier
 answers are the reference ones) with its videos, answered with greedy decoding. Records with
-``meta`` (the billiards generator writes it) are scored by :mod:`hilight.scoring`'s extractor
-for their question type; others by exact match and token F1 against the reference answer.
+``meta`` (``types``, ``kinds`` and ``truth`` per model turn; the billiards generator writes it)
+are scored by :mod:`hilight.evaluation.scoring`'s extractor for the turn's answer kind, per
+question type; others by exact match and token F1 against the reference answer.
 Baselines on the same items: the majority answer per question type, and the same model with
 the videos removed from the prompt ("blind").
 """
@@ -15,15 +16,17 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from hilight.data import read_records, record_videos
-from hilight.engine import Engine, GenerationSettings
-from hilight.scoring import exact_match, extract, token_f1
-from hilight.synth.qa import KINDS
+from hilight.evaluation.scoring import KINDS, exact_match, extract, token_f1
 from hilight.text import VIDEO_TOKEN, ConversationError, Message, from_llava
 from hilight.video import VideoError
+
+if TYPE_CHECKING:  # evaluation is handed an engine; it never builds one
+    from hilight.inference.engine import Engine, GenerationSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +38,10 @@ class Item:
     videos: list[Path]
     reference: str
     qtype: str | None = None
+    kind: str | None = None  # how the answer is scored (hilight.evaluation.scoring.KINDS)
     truth: str | None = None
     answer: str = ""
     blind_answer: str | None = None  # set when the blind baseline ran
-
-    @property
-    def kind(self) -> str | None:
-        return KINDS.get(self.qtype) if self.qtype else None
 
 
 def load_items(data: Path, videos: Path) -> tuple[list[Item], list[str]]:
@@ -56,13 +56,18 @@ def load_items(data: Path, videos: Path) -> tuple[list[Item], list[str]]:
             if sum(m.content.count(VIDEO_TOKEN) for m in messages) != len(paths):
                 raise ConversationError(f"{len(paths)} video(s) but a different number of {VIDEO_TOKEN} markers")
             meta = rec.get("meta") or {}
+            if meta and any(kind not in KINDS for kind in meta["kinds"]):
+                raise ConversationError(f"meta.kinds {meta['kinds']} holds an answer kind other than {', '.join(KINDS)}")
             for k in range(1, len(messages), 2):
                 turn = k // 2
                 items.append(Item(
                     id=f"{rid}#{turn}" if len(messages) > 2 else rid, messages=messages[:k],
-                    videos=paths, reference=messages[k].content,
-                    qtype=meta["types"][turn] if meta else None, truth=meta["truth"][turn] if meta else None))
-        except (KeyError, TypeError, IndexError, ConversationError) as exc:
+                    videos=paths, reference=messages[k].content, qtype=meta["types"][turn] if meta else None,
+                    kind=meta["kinds"][turn] if meta else None, truth=meta["truth"][turn] if meta else None))
+        except KeyError as exc:
+            problems.append(f"record {rid}: no {exc} {'in meta' if exc.args[0] in ('types', 'kinds', 'truth') else ''}"
+                            .rstrip())
+        except (TypeError, IndexError, ConversationError) as exc:
             problems.append(f"record {rid}: {exc}")
     return items, problems
 

@@ -15,7 +15,6 @@ import logging
 import math
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,8 +27,9 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from hilight.checkpoint import replace_dir
 from hilight.config import LoopConfig
+from hilight.errors import CheckpointError
+from hilight.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_training_state(path: Path, model, optimizer, scheduler, progress: dict, config: LoopConfig) -> None:
     """Write a resumable checkpoint directory atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         opt_meta = None
         if config.deepspeed:  # ZeRO shards its optimizer state in its own (pickled) format: not kept
@@ -98,10 +96,6 @@ def save_training_state(path: Path, model, optimizer, scheduler, progress: dict,
                  "python_rng": _jsonable(random.getstate()), "numpy_rng": _jsonable(np.random.get_state()),
                  "config": asdict(config)}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _jsonable(value):
@@ -122,7 +116,7 @@ def _from_json(value):
 
 def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the saved progress."""
-    from hilight.checkpoint import CheckpointError
+
 
     weights = load_file(path / "trainable.safetensors")
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -187,7 +181,7 @@ def fit(
     if resume:
         ckpt = latest_checkpoint(out_dir)
         if ckpt is None:
-            raise FileNotFoundError(f"{out_dir}: no checkpoint to resume from")
+            raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
         progress = load_training_state(ckpt, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", ckpt, progress["step"])
     model, optimizer = accelerator.prepare(model, optimizer)

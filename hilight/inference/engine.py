@@ -11,7 +11,6 @@ videos already in the conversation are neither decoded nor encoded again.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from hilight.errors import ConfigError
+from hilight.files import file_digest, torch_dtype
 from hilight.model import HiLight
 from hilight.text import VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Message, collate
 from hilight.video import load_video
@@ -37,13 +38,25 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+            raise ConfigError(f"num_beams must be >= 1, got {self.num_beams}")
+
+    @classmethod
+    def from_request(cls, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     num_beams: int = 1) -> GenerationSettings:
+        """The settings every interface (CLI, web UI, API) asks for: temperature 0 is greedy,
+        anything above samples at that temperature."""
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}")
+        return cls(max_new_tokens=int(max_new_tokens), do_sample=temperature > 0, temperature=temperature or 1.0,
+                   top_p=top_p, top_k=int(top_k), num_beams=int(num_beams))
 
 
 @torch.inference_mode()
@@ -97,34 +110,15 @@ def generate(
     )
 
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "billiards-small"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     """``auto``: bf16 on a GPU that has it or a CPU with native bf16 (AVX512-BF16 / AMX), else fp32."""
     if name != "auto":
-        return DTYPES[name]
+        return torch_dtype(name)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    from hilight.quantize import cpu_has_native_bf16
+    from hilight.inference.quantize import cpu_has_native_bf16
 
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-def default_model() -> Path:
-    """The model shipped inside the package."""
-    if not (BUNDLED_MODEL / "config.json").is_file():
-        from hilight.checkpoint import CheckpointError
-
-        raise CheckpointError(f"{BUNDLED_MODEL}: this build has no bundled model yet; pass --model DIR")
-    return BUNDLED_MODEL
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's content: the identity of a video, whatever its name."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class Engine:
@@ -148,12 +142,12 @@ class Engine:
                         quantize: str = "auto") -> Engine:
         """``quantize="int8"``: weight-only int8 for the LLM's linear layers; ``"packed"``: the
         LLM's bf16 weights prepacked for oneDNN; ``"auto"``: packed for a full-width bf16 model on
-        a CPU with native bf16, else none (see hilight.quantize.resolve_quantize)."""
+        a CPU with native bf16, else none (see hilight.inference.quantize.resolve_quantize)."""
         from hilight.checkpoint import load_checkpoint
-        from hilight.quantize import QUANTIZE, quantize_llm, resolve_quantize
+        from hilight.inference.quantize import QUANTIZE, quantize_llm, resolve_quantize
 
         if quantize not in QUANTIZE:  # before the (long) load
-            raise ValueError(f"unknown quantization {quantize!r} ({', '.join(QUANTIZE)})")
+            raise ConfigError(f"unknown quantization {quantize!r} ({', '.join(QUANTIZE)})")
         # unless plain layers are asked for, the weights may be packed or quantized (auto decides
         # once the model is built), so they are read into memory of our own tensor by tensor, not
         # mapped: the file's pages would otherwise count on top (full hilight-2b packed: peak
@@ -162,7 +156,7 @@ class Engine:
         mode = resolve_quantize(quantize, model, device)
         if mode != "none":
             if device != "cpu":
-                raise ValueError(f"--quantize {mode} runs on CPU only (torch's CPU kernels)")
+                raise ConfigError(f"--quantize {mode} runs on CPU only (torch's CPU kernels)")
             quantize_llm(model, mode=mode)
         return cls(model, tokenizer)
 

@@ -14,11 +14,8 @@ Losses (weights, threshold and mask policy are config values):
 3. **Language mask**: the local loss only uses content tokens: never padding; with
    ``language_mask`` also no special tokens, punctuation or configured stop words, so the
    loss concentrates on words such as colours and pockets.
-4. **Frame facts** (optional, ``frame_facts_weight``): where the data says where every object
-   is in every frame (the billiards generator's ``tracks``), each patch token is trained to
-   name the object whose centre it holds, and each frame's embedding to say which objects are
-   present. Captions describe a clip as a whole; these dense, per-frame
-   signals are what make a small tower from scratch see small objects (see the README).
+4. **Auxiliary** (optional, ``auxiliary``): an objective of the recipe's on the tower's
+   outputs, its targets read from the caption records (:mod:`hilight.training.objectives`).
 """
 
 from __future__ import annotations
@@ -27,9 +24,7 @@ import json
 import logging
 import math
 import re
-import statistics
-from dataclasses import asdict, dataclass, replace
-from fractions import Fraction
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,12 +35,14 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from hilight.checkpoint import CheckpointError, load_checkpoint, load_state_strict, read_config, save_checkpoint
 from hilight.config import AlignConfig, AlignLossConfig, TextTowerConfig, VideoInputConfig, from_dict
-from hilight.convert import map_keys, torch_state_file
+from hilight.convert import clipvip_aligner_state
 from hilight.data import FeatureCache
-from hilight.loop import finish, fit, make_accelerator
+from hilight.errors import DataError
 from hilight.model.clip_vip import CLIPViPVideoTower
 from hilight.model.long_clip import LongCLIPImageTower
-from hilight.video import FrameIndex, VideoError, choose_frames, load_video
+from hilight.training.loop import finish, fit, make_accelerator
+from hilight.training.objectives import objective_class
+from hilight.video import VideoError, load_video
 
 log = logging.getLogger(__name__)
 
@@ -82,80 +79,42 @@ class VisualOutputs:
     frames: torch.Tensor  # [B, T, F] one vector per frame
 
 
-class FrameFacts(nn.Module):
-    """Heads for the frame-facts objective. A patch classifier names the object whose centre
-    lies in each patch (or none); which objects a frame shows is read from it, multiple-instance
-    style (an object is present if its best patch says so), and also from the frame's own
-    embedding. The patch task dominates on purpose: with a regression of positions from the
-    pooled frame beside it (tried first), a small tower from scratch learned neither. With
-    ``position_weight``, each patch that holds an object's centre also says where in the frame
-    that centre is (finer than the patch grid), so the position survives in the patch tokens
-    TokenMining reads."""
-
-    def __init__(self, names: list[str], patch_dim: int, frame_dim: int):
-        super().__init__()
-        self.names = names
-        self.patch = nn.Linear(patch_dim, len(names) + 1)
-        self.frame = nn.Linear(frame_dim, len(names))
-        self.position = nn.Linear(patch_dim, 2)
-
-    def loss(self, out: VisualOutputs, facts: dict[str, torch.Tensor], position_weight: float = 0.0) -> torch.Tensor:
-        logits = self.patch(out.patch_states)  # [B, T, L, C + 1]
-        weight = torch.ones(logits.shape[-1], device=logits.device)
-        weight[0] = 0.1  # most patches show only cloth
-        patch = F.cross_entropy(logits.flatten(0, 2).float(), facts["patch"].flatten(), weight=weight)
-        present = facts["present"]  # [B, T, C]
-        best = (logits[..., 1:] - logits[..., :1]).amax(2)  # [B, T, C]: each object's most convinced patch
-        from_patches = F.binary_cross_entropy_with_logits(best.float(), present)
-        from_frame = F.binary_cross_entropy_with_logits(self.frame(out.frames).float(), present)
-        loss = patch + from_patches + from_frame
-        holds = facts["patch"] > 0  # [B, T, L]
-        if position_weight and holds.any():
-            where = self.position(out.patch_states[holds]).float()  # [N, 2]
-            loss = loss + position_weight * (where - facts["patch_xy"][holds]).abs().mean()
-        return loss
-
-
 class VideoTextAligner(nn.Module):
     """A visual tower and a text tower with a learned temperature. The visual tower is the
     CLIP-ViP video tower or, for the Long-CLIP role, the image tower run on every frame (its
     video embedding is the mean of the frames' projected CLS, its patches those of all frames)."""
 
     def __init__(self, video_tower: CLIPViPVideoTower | LongCLIPImageTower, text: TextTower,
-                 fact_names: list[str] | None = None):
+                 auxiliary: nn.Module | None = None, auxiliary_weight: float = 0.0):
         super().__init__()
         self.video_tower = video_tower
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.facts = None
-        if fact_names:
-            image = isinstance(video_tower, LongCLIPImageTower)
-            width = video_tower.cfg.width if image else video_tower.cfg.hidden_size
-            frame_dim = video_tower.cfg.output_dim if image else width
-            self.facts = FrameFacts(fact_names, width, frame_dim)
+        self.auxiliary = auxiliary
+        self.auxiliary_weight = auxiliary_weight
 
-    def forward(self, pixels, ids, mask, local, cfg: AlignLossConfig, facts: dict | None = None) -> torch.Tensor:
-        """The weighted global + local (+ frame facts) loss of one batch of matching (video, caption) pairs."""
+    def forward(self, pixels, ids, mask, local, cfg: AlignLossConfig, targets: dict | None = None) -> torch.Tensor:
+        """The weighted global + local (+ auxiliary) loss of one batch of matching (video, caption) pairs."""
         out = self.visual(pixels)
         tokens, text = self.text(ids, mask)
         loss = cfg.global_weight * global_loss(out.pooled, text, self.logit_scale)
         if cfg.local_weight:
             loss = loss + cfg.local_weight * sparc_loss(tokens, out.patches, local, cfg.threshold,
                                                         cfg.local_temperature)
-        if cfg.frame_facts_weight and self.facts is not None and facts is not None:
-            loss = loss + cfg.frame_facts_weight * self.facts.loss(out, facts, cfg.facts_position_weight)
+        if self.auxiliary is not None and targets is not None:
+            loss = loss + self.auxiliary_weight * self.auxiliary.loss(out, targets)
         return loss
 
     def visual(self, pixels: torch.Tensor) -> VisualOutputs:
         b, t = pixels.shape[:2]
         tower = self.video_tower
         if isinstance(tower, LongCLIPImageTower):
-            states = tower.ln_post(tower.tokens(pixels.flatten(0, 1)))  # [B*T, 1+L, D]
-            projected = (states @ tower.proj).view(b, t, states.shape[1], -1)  # [B, T, 1+L, d]
+            states = tower.normalized(tower.tokens(pixels.flatten(0, 1)))  # [B*T, 1+L, D]
+            projected = tower.projection(states).view(b, t, states.shape[1], -1)  # [B, T, 1+L, d]
             return VisualOutputs(projected[:, :, 0].mean(1), projected[:, :, 1:].flatten(1, 2),
                                  states[:, 1:].view(b, t, states.shape[1] - 1, -1), projected[:, :, 0])
-        states = tower.post_layernorm(tower(pixels))  # [B, M + T*L, D]
-        projected = tower.visual_projection(states)  # [B, M + T*L, d]
+        states = tower.normalized(tower(pixels))  # [B, M + T*L, D]
+        projected = tower.projection(states)  # [B, M + T*L, d]
         m = tower.cfg.num_proxy_tokens
         patch_states = states[:, m:].view(b, t, -1, states.shape[-1])  # [B, T, L, D]
         return VisualOutputs(projected[:, 0], projected[:, m:], patch_states, patch_states.mean(2))
@@ -241,13 +200,13 @@ class Clips:
         self.video_cfg = video_cfg
         self.cache = FeatureCache(cache_dir, json.dumps(asdict(video_cfg), sort_keys=True)) if cache_dir else None
         self.path = path
-        self.pairs, self.tracks, self.bad = [], [], []
+        self.pairs, self.records, self.bad = [], [], []
         for rec in records:
             video = Path(videos) / rec["video"]
             try:
                 self._frames(video)
                 self.pairs.append((video, rec["caption"]))
-                self.tracks.append(rec.get("tracks"))
+                self.records.append(rec)
             except VideoError as exc:
                 self.bad.append(str(exc))
                 log.warning("skipped %s", exc)
@@ -273,64 +232,26 @@ class Clips:
         return len(self.pairs)
 
 
-def fact_names(clips: Clips) -> list[str]:
-    """The objects named in the clips' tracks (frame-facts classes), or an error naming the file."""
-    missing = sum(t is None for t in clips.tracks)
-    if missing:
-        raise ValueError(f"{clips.path}: frame_facts_weight needs 'tracks' in every record ({missing} without)")
-    return sorted({name for t in clips.tracks for name in t["names"]})
-
-
-def frame_facts(tracks: dict, names: list[str], video_cfg: VideoInputConfig, grid: int) -> dict[str, torch.Tensor]:
-    """Targets of the frame-facts loss for the frames the model is shown: ``present`` [T, C],
-    ``xy`` [T, C, 2], ``patch`` [T, grid*grid] (0: no object's centre in the patch, else
-    1 + the object's class) and ``patch_xy`` [T, grid*grid, 2] (where in the frame that
-    object's centre is; 0 for other patches). Positions are fractions of a square frame."""
-    xy_all = torch.tensor(tracks["xy"], dtype=torch.float32).view(len(tracks["xy"]), -1, 2)  # [F, N, 2]
-    index = FrameIndex(pts=list(range(len(xy_all))), keyframes=[0], time_base=Fraction(1, int(tracks["fps"])))
-    xy_all = xy_all[choose_frames(index, video_cfg)]  # [T, N, 2]
-    t, c = len(xy_all), len(names)
-    present, xy = torch.zeros(t, c), torch.zeros(t, c, 2)
-    patch = torch.zeros(t, grid * grid, dtype=torch.long)
-    patch_xy = torch.zeros(t, grid * grid, 2)
-    for n, name in enumerate(tracks["names"]):
-        k = names.index(name)
-        on = xy_all[:, n, 0] >= 0
-        present[on, k] = 1.0
-        xy[on, k] = xy_all[on, n]
-        cell = (xy_all[:, n] * grid).long().clamp(0, grid - 1)  # [T, 2] column, row
-        frames = on.nonzero().flatten()
-        patch[frames, cell[frames, 1] * grid + cell[frames, 0]] = k + 1
-        patch_xy[frames, cell[frames, 1] * grid + cell[frames, 0]] = xy_all[frames, n]
-    return {"present": present, "xy": xy, "patch": patch, "patch_xy": patch_xy}
-
-
-def build_aligner(cfg: AlignConfig, names: list[str] | None = None):
-    """The checkpoint's model and tokenizer, and an aligner around its video tower."""
+def build_aligner(cfg: AlignConfig, train_set: Clips | None = None, val_set: Clips | None = None):
+    """The checkpoint's model and tokenizer, and an aligner around the tower being aligned
+    (with ``cfg.auxiliary``'s objective, built from the training clips' records)."""
     model, tokenizer = load_checkpoint(cfg.model)
     if len(tokenizer) > cfg.text_tower.vocab_size:
         raise CheckpointError(f"{cfg.model}: tokenizer has {len(tokenizer)} tokens, text_tower.vocab_size is "
                               f"{cfg.text_tower.vocab_size}")
     text = TextTower(cfg.text_tower, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    aligner = VideoTextAligner(model.video_tower if cfg.tower == "video" else model.image_tower, text, names)
-    if cfg.text_init:
-        load_clipvip_text(aligner, Path(cfg.text_init))
+    tower = model.video_tower if cfg.tower == "video" else model.image_tower
+    auxiliary = None
+    if cfg.auxiliary.objective and train_set is not None:
+        try:
+            auxiliary = objective_class(cfg.auxiliary.objective)(
+                train_set.records, val_set.records if val_set is not None else None, tower, model.config.video)
+        except DataError as exc:
+            raise DataError(f"{cfg.data.train}: {exc}") from None
+    aligner = VideoTextAligner(tower, text, auxiliary, cfg.auxiliary.weight)
+    if cfg.text_init:  # the text tower (and temperature) start from pretrain_clipvip_base_16.pt
+        load_state_strict(aligner, clipvip_aligner_state(Path(cfg.text_init)), where=cfg.text_init)
     return model, tokenizer, aligner
-
-
-def load_clipvip_text(aligner: VideoTextAligner, path: Path) -> None:
-    """Start the text tower (and temperature) from ``pretrain_clipvip_base_16.pt``."""
-    state = torch_state_file(path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    text = {}
-    for name, value in state.items():
-        if name.startswith("clipmodel.text_model.") and not name.endswith("position_ids"):
-            # transformers 5 names the text transformer's children directly (no text_model level)
-            text["text.encoder." + name.removeprefix("clipmodel.text_model.")] = value
-    text["text.text_projection.weight"] = state["clipmodel.text_projection.weight"]
-    text["logit_scale"] = state["clipmodel.logit_scale"]
-    video = map_keys(state, "clipvip", str(path))  # video_tower.* names
-    load_state_strict(aligner, {**text, **video}, where=str(path))
 
 
 def align(cfg: AlignConfig, resume: bool = False) -> dict:
@@ -341,33 +262,23 @@ def align(cfg: AlignConfig, resume: bool = False) -> dict:
     train_set = Clips(cfg.data.train, cfg.data.videos, video_cfg, cfg.data.frames_cache)
     val_set = Clips(cfg.data.val, cfg.data.videos, video_cfg, cfg.data.frames_cache) if cfg.data.val else None
     if len(train_set) < 2:
-        raise ValueError(f"{cfg.data.train}: need at least 2 usable caption pairs for a contrastive loss")
-    names = None
-    if cfg.loss.frame_facts_weight:
-        names = fact_names(train_set)
-        if val_set is not None:
-            unknown = {n for t in val_set.tracks if t for n in t["names"]} - set(names)
-            if unknown or None in val_set.tracks:
-                raise ValueError(f"{cfg.data.val}: tracks missing or naming objects absent from the training set")
-    model, tokenizer, aligner = build_aligner(cfg, names)
+        raise DataError(f"{cfg.data.train}: need at least 2 usable caption pairs for a contrastive loss")
+    model, tokenizer, aligner = build_aligner(cfg, train_set, val_set)
     aligner.requires_grad_(True)
     captions = CaptionTokenizer(tokenizer, cfg.text_tower.max_positions, cfg.loss.stop_words)
-    tower_cfg = model.config.video_tower if cfg.tower == "video" else model.config.image_tower
-    grid = tower_cfg.image_size // tower_cfg.patch_size
 
     def batch(clips: Clips, indices: list[int]):
         device = accelerator.device
         pixels = torch.stack([clips.frames(i) for i in indices]).to(device)
         ids, mask, local = captions([clips.pairs[i][1] for i in indices], cfg.loss.language_mask)
-        facts = None
-        if names:
-            rows = [frame_facts(clips.tracks[i], names, video_cfg, grid) for i in indices]
-            facts = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
-        return (pixels, ids.to(device), mask.to(device), local.to(device)), facts
+        targets = None
+        if aligner.auxiliary is not None:
+            targets = {k: v.to(device) for k, v in aligner.auxiliary.targets([clips.records[i] for i in indices]).items()}
+        return (pixels, ids.to(device), mask.to(device), local.to(device)), targets
 
     def loss_of(module, clips: Clips, indices: list[int]) -> torch.Tensor:
-        inputs, facts = batch(clips, indices)
-        return module(*inputs, cfg.loss, facts)
+        inputs, targets = batch(clips, indices)
+        return module(*inputs, cfg.loss, targets)
 
     def batch_loss(module, indices: list[int]) -> torch.Tensor:
         return loss_of(module, train_set, indices)
@@ -411,86 +322,3 @@ def load_aligner(path: str | Path):
     video = {f"video_tower.{k}": v for k, v in tower.state_dict().items()}
     load_state_strict(aligner, {**state, **video}, where=str(path))
     return aligner.eval(), tokenizer, model.config.video
-
-
-def retrieval_metrics(sim: torch.Tensor) -> dict:
-    """R@1/5/10 and median rank, text->video and video->text, for a [texts, videos] similarity
-    matrix whose diagonal holds the matching pairs."""
-    out = {}
-    for name, m in (("text_to_video", sim), ("video_to_text", sim.T)):
-        correct = m.diagonal()[:, None]
-        ranks = (m > correct).sum(-1) + 1  # 1 = best
-        out[name] = {f"R@{k}": float((ranks <= k).float().mean()) for k in (1, 5, 10)}
-        out[name]["median_rank"] = float(ranks.float().median())
-    return out
-
-
-@torch.no_grad()
-def eval_retrieval(model_dir: str | Path, data: str | Path, videos: str | Path, batch_size: int = 16) -> dict:
-    aligner, tokenizer, video_cfg = load_aligner(model_dir)
-    clips = Clips(str(data), str(videos), video_cfg, "")
-    captions = CaptionTokenizer(tokenizer, aligner.text.cfg.max_positions, [])
-    v_emb, t_emb = [], []
-    for s in range(0, len(clips), batch_size):
-        idx = list(range(s, min(len(clips), s + batch_size)))
-        v_emb.append(aligner.encode_video(torch.stack([clips.frames(i) for i in idx]))[0])
-        ids, mask, _ = captions([clips.pairs[i][1] for i in idx], False)
-        t_emb.append(aligner.text(ids, mask)[1])
-    v, t = F.normalize(torch.cat(v_emb), dim=-1), F.normalize(torch.cat(t_emb), dim=-1)
-    result = retrieval_metrics(t @ v.T)
-    result.update(pairs=len(clips), skipped=clips.bad)
-    return result
-
-
-def retrieval_markdown(result: dict, title: str) -> str:
-    lines = [f"# {title}", "", f"{result['pairs']} caption-video pairs.", "",
-             "| direction | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
-    for name in ("text_to_video", "video_to_text"):
-        r = result[name]
-        lines.append(f"| {name.replace('_', ' ')} | {r['R@1']:.1%} | {r['R@5']:.1%} | {r['R@10']:.1%} | "
-                     f"{r['median_rank']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-ABLATIONS = {
-    "global": {"local_weight": 0.0},
-    "global+local": {"language_mask": False},
-    "global+local+mask": {"language_mask": True},
-}
-
-
-def ablation(cfg: AlignConfig, seeds: list[int], out: Path) -> dict:
-    """Retrieval on ``cfg.data.val`` for the three loss settings x seeds, at the same budget."""
-    if not cfg.data.val:
-        raise ValueError("the ablation evaluates on data.val: set it to a held-out split")
-    rows: dict[str, list[dict]] = {}
-    for name, change in ABLATIONS.items():
-        for seed in seeds:
-            run = replace(cfg, seed=seed, output_dir=str(out / f"{name}-seed{seed}"),
-                          loss=replace(cfg.loss, **change))
-            align(run)
-            rows.setdefault(name, []).append(eval_retrieval(Path(run.output_dir) / "final", cfg.data.val,
-                                                            cfg.data.videos))
-    table = {}
-    for name, results in rows.items():
-        table[name] = {}
-        for direction in ("text_to_video", "video_to_text"):
-            for metric in ("R@1", "R@5", "R@10", "median_rank"):
-                values = [r[direction][metric] for r in results]
-                table[name][f"{direction}/{metric}"] = {
-                    "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "values": values}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "steps": cfg.max_steps, "table": table}, indent=1))
-    (out / "ablation.md").write_text(ablation_markdown(table, seeds, cfg.max_steps))
-    return table
-
-
-def ablation_markdown(table: dict, seeds: list[int], steps: int) -> str:
-    lines = [f"Retrieval on the held-out split, {steps} steps each, mean ± std over seeds {seeds}.", "",
-             "| loss | text→video R@1 | R@5 | R@10 | video→text R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
-    for name, row in table.items():
-        cells = [f"{row[f'{d}/{m}']['mean']:.1%} ± {row[f'{d}/{m}']['std']:.1%}"
-                 for d in ("text_to_video", "video_to_text") for m in ("R@1", "R@5", "R@10")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
