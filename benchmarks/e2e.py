@@ -33,9 +33,9 @@ from torch import nn
 from hilight.checkpoint import build_empty, load_state_strict, tie_llm_embeddings, tied_keys
 from hilight.config import HiLightConfig, preset
 from hilight.demo import moving_balls_clip
-from hilight.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.model import HiLight
-from hilight.quantize import QUANTIZE, quantize_llm, resolve_quantize
+from hilight.inference.quantize import QUANTIZE, quantize_llm, resolve_quantize
 from hilight.text import Message
 from hilight.tokenizer import DEMO_CORPUS, train_tokenizer
 from hilight.video import load_video, write_video

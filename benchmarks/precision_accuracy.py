@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from hilight.engine import Engine, GenerationSettings, default_model
-from hilight.eval import load_items, report, run
+from hilight.checkpoint import default_model
+from hilight.inference.engine import Engine, GenerationSettings
+from hilight.evaluation.qa import load_items, report, run
 
 VARIANTS = (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("bf16 packed", torch.bfloat16, "packed"),
             ("bf16 + int8 LLM", torch.bfloat16, "int8"))

@@ -27,7 +27,8 @@ import uvicorn
 
 from hilight.checkpoint import save_checkpoint
 from hilight.config import billiards_small_config
-from hilight.engine import BUNDLED_MODEL, Conversation, Engine, GenerationSettings, stream_reply
+from hilight.checkpoint import BUNDLED_MODEL
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.model import HiLight
 from hilight.server import create_app
 from hilight.synth.billiards import TableConfig

@@ -30,7 +30,7 @@ from hilight.config import (
 )
 from hilight.model import HiLight, TowerOutputs
 from hilight.text import IGNORE_INDEX, VIDEO_PLACEHOLDER_ID
-from hilight.train import set_stage
+from hilight.training.vlm import set_stage
 
 BATCH = 2
 TEXT_TOKENS = 48
