@@ -95,12 +95,12 @@ class Progress:
 
     def __init__(self, out: Path, settings: dict):
         self.file = out / "recipe.json"
-        self.settings = settings
+        self.settings = json.loads(json.dumps(settings))  # as recipe.json holds them (tuples are lists)
         self.seconds: dict[str, float] = {}
         self.ran = False  # once a step runs, every later step runs again too
         if self.file.is_file():
             previous = json.loads(self.file.read_text())
-            if previous.get("settings") != settings:
+            if previous.get("settings") != self.settings:
                 raise RecipeError(f"{out}: holds a recipe run with other settings; choose another --out")
             self.seconds = previous.get("seconds", {})
 
