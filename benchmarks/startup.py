@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HILIGHT = [sys.executable, "-m", "hilight"]
+HILIGHT = [str(Path(sys.executable).parent / "hilight")]  # the console script a user runs
 COMMANDS = {
     "hilight --help": ["--help"],
     "hilight --version": ["--version"],

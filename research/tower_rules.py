@@ -1,0 +1,118 @@
+"""How much do the aligned video tower's own patch tokens see? The geometry rules on a linear
+read-out of the tower, before TokenMining.
+
+``perceived_rules.py`` reads what TokenMining's tokens hold; this script goes one step back: a
+linear classifier per patch token (trained here on the training clips' cached tower outputs,
+the frame-facts task of alignment: which object's centre the patch holds, or none) gives each
+frame's balls (present where the best patch says so) and their positions (that patch's centre),
+and the rules of ``oracle_rules.py`` answer the test questions from them. With the wrong
+ball-frames counted per colour, as misses and as false sightings. Near ``perceived_rules``: TokenMining
+keeps what the tower sees; both far below ``oracle_rules``: the tower is the limit.
+
+    .venv/bin/python research/tower_rules.py --run runs/recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from oracle_rules import rule_answers, score
+from tqdm import tqdm
+
+from hilight.checkpoint import load_checkpoint
+from hilight.data import FeatureCache, tower_identity
+from hilight.recipes.billiards_small.facts import frame_facts
+
+
+def patch_rows(cache: FeatureCache, data: Path, split: str, names: list[str], model, limit: int = 0):
+    """Per clip: normalised patch states [T, L, D] and the frame-facts targets."""
+    cfg = model.config
+    grid = cfg.video_tower.image_size // cfg.video_tower.patch_size
+    m = cfg.video_tower.num_proxy_tokens
+    clips = json.loads((data / f"{split}-captions.json").read_text())[: limit or None]
+    rows = []
+    for clip in tqdm(clips, desc=f"{split} features", leave=False):
+        video = cache.load_tensors(data / "videos" / clip["video"])["video"][m:].float()
+        states = F.layer_norm(video, video.shape[-1:]).view(cfg.video.num_frames, grid * grid, -1)
+        rows.append((clip, states, frame_facts(clip["tracks"], names, cfg.video, grid)))
+    return rows
+
+
+def best_patches(logits: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each object's most convinced patch: its margin over "none" [T, C] and the patch's centre
+    [T, C, 2] (fractions of the frame), from patch logits [T, L, C + 1]."""
+    best, where = (logits[..., 1:] - logits[..., :1]).max(1)  # [T, C]
+    return best, torch.stack([(where % grid).float(), (where // grid).float()], -1).add(0.5).div(grid)
+
+
+def thresholds(margins: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Per object, the margin above which it counts as present that is right most often on the
+    training frames (margins, present: [N, C])."""
+    grid = torch.linspace(-6, 6, 121)
+    hits = ((margins[None] > grid[:, None, None]) == (present[None] > 0)).float().sum(1)  # [G, C]
+    return grid[hits.argmax(0)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a recipe run with data/, features/ and aligned towers")
+    parser.add_argument("--model", type=Path, help="the checkpoint whose towers filled the cache (default: the run's)")
+    parser.add_argument("--features", type=Path, help="its feature cache (default: the run's features/)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-clips", type=int, default=0, help="use only the first N training clips (0: all)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    aligned, _ = load_checkpoint(args.model or args.run / "align-image" / "final", with_tokenizer=False)
+    cache = FeatureCache(args.features or args.run / "features", tower_identity(aligned))
+    data = args.run / "data"
+    names = sorted({n for c in json.loads((data / "train-captions.json").read_text()) for n in c["tracks"]["names"]})
+    grid = aligned.config.video_tower.image_size // aligned.config.video_tower.patch_size
+    train = patch_rows(cache, data, "train", names, aligned, args.train_clips)
+    x = torch.cat([s.flatten(0, 1) for _, s, _ in train])  # [N, D]
+    y = torch.cat([f["patch"].flatten() for _, _, f in train])  # [N]
+    head = torch.nn.Linear(x.shape[1], len(names) + 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
+    weight = torch.ones(len(names) + 1)
+    weight[0] = 0.1  # as in alignment: most patches show only cloth
+    for _ in tqdm(range(args.epochs), desc="linear read-out"):
+        for batch in torch.randperm(len(x)).split(8192):
+            loss = F.cross_entropy(head(x[batch]), y[batch], weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    del x, y
+    with torch.no_grad():
+        margins = torch.cat([best_patches(head(s), grid)[0] for _, s, _ in train])
+    cut = thresholds(margins, torch.cat([f["present"] for _, _, f in train]))
+    answers, presence, last_frame, errors = {}, [], [], collections.Counter()
+    with torch.no_grad():
+        for clip, states, facts in patch_rows(cache, data, "test", names, aligned):
+            best, xy = best_patches(head(states), grid)
+            seen = (best > cut).float()
+            truth = facts["present"]
+            presence.append((seen == truth).float().mean().item())
+            last_frame.append(bool((seen[-1] == truth[-1]).all()))
+            for k, name in enumerate(names):
+                errors[f"{name} missed"] += int(((truth[:, k] == 1) & (seen[:, k] == 0)).sum())
+                errors[f"{name} seen but absent"] += int(((truth[:, k] == 0) & (seen[:, k] == 1)).sum())
+            answers[clip["video"]] = rule_answers(names, seen, xy)
+    scored, overall = score(answers, json.loads((data / "test.json").read_text()))
+    result = {"single_video": overall, "per_type": {t: v["accuracy"] for t, v in scored.items()},
+              "presence_per_ball_and_frame": sum(presence) / len(presence),
+              "last_frame_all_right": sum(last_frame) / len(last_frame), "errors": dict(errors.most_common())}
+    print(f"rules on the video tower's linear read-out: single-video questions {overall:.1%}; presence per ball and "
+          f"frame {result['presence_per_ball_and_frame']:.1%}, last frame all right {result['last_frame_all_right']:.1%}")
+    print("  ".join(f"{t} {a:.1%}" for t, a in result["per_type"].items()))
+    print("errors (ball-frames): " + ", ".join(f"{k} {v}" for k, v in errors.most_common(12)))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
