@@ -34,8 +34,8 @@ from hilight.checkpoint import build_empty, load_state_strict, tie_llm_embedding
 from hilight.config import HiLightConfig, preset
 from hilight.demo import moving_balls_clip
 from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
-from hilight.model import HiLight
 from hilight.inference.quantize import QUANTIZE, quantize_llm, resolve_quantize
+from hilight.model import HiLight
 from hilight.text import Message
 from hilight.tokenizer import DEMO_CORPUS, train_tokenizer
 from hilight.video import load_video, write_video

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from hilight.checkpoint import default_model
-from hilight.inference.engine import Engine, GenerationSettings
 from hilight.evaluation.qa import load_items, report, run
+from hilight.inference.engine import Engine, GenerationSettings
 
 VARIANTS = (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("bf16 packed", torch.bfloat16, "packed"),
             ("bf16 + int8 LLM", torch.bfloat16, "int8"))

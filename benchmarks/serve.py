@@ -25,9 +25,8 @@ import openai
 import torch
 import uvicorn
 
-from hilight.checkpoint import save_checkpoint
+from hilight.checkpoint import BUNDLED_MODEL, save_checkpoint
 from hilight.config import billiards_small_config
-from hilight.checkpoint import BUNDLED_MODEL
 from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.model import HiLight
 from hilight.server import create_app

@@ -225,3 +225,23 @@ def test_frame_facts_need_tracks(tmp_path, capsys):
     assert main(["align", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "train-captions.json" in err and "tracks" in err and "1 without" in err
+
+
+def test_towers_public_patch_and_pooled_outputs_are_what_alignment_reads(tokenizer):
+    from hilight.model.long_clip import LongCLIPImageTower
+
+    torch.manual_seed(0)
+    cfg = tiny_config(len(tokenizer))
+    pixels = torch.randn(2, 4, 3, 32, 32)
+    text_cfg = TextTowerConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
+                               num_heads=2, max_positions=64, projection_dim=16)
+    text = TextTower(text_cfg, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    video = CLIPViPVideoTower(cfg.video_tower)
+    out = VideoTextAligner(video, text).visual(pixels)
+    hidden = video(pixels)
+    torch.testing.assert_close(video.patch_tokens(hidden, 4), out.patch_states)  # [B, T, L, D]
+    torch.testing.assert_close(video.pooled(hidden), out.pooled)
+    image = LongCLIPImageTower(cfg.image_tower)
+    out = VideoTextAligner(image, text).visual(pixels)
+    torch.testing.assert_close(image.patch_tokens(pixels.flatten(0, 1)).view(2, 4, 16, -1), out.patch_states)
+    torch.testing.assert_close(image.pooled(pixels.flatten(0, 1)).view(2, 4, -1), out.frames)

@@ -29,7 +29,7 @@ PACK_FROM_HIDDEN = 1024
 
 def resolve_quantize(mode: str, model, device: str | torch.device) -> str:
     """``auto``: ``packed`` for a bf16 model at least PACK_FROM_HIDDEN wide on a CPU whose oneDNN
-    runs bf16 natively (the same values, decoding 1.5x faster at full size, see the README),
+    runs bf16 natively (the same values, decoding 1.5x faster at full size, see docs/performance.md),
     otherwise ``none``; other modes as given."""
     if mode not in QUANTIZE:
         raise ConfigError(f"unknown quantization {mode!r} ({', '.join(QUANTIZE)})")
