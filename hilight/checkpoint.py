@@ -42,6 +42,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 TIED_KEY = "llm.lm_head.weight"
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "billiards-small"
+MODEL_NAMES = {"billiards-small": BUNDLED_MODEL}  # models known by name (``--model billiards-small``)
+CARD_FILE = "card.json"
 
 
 def model_state_dict(model: HiLight) -> dict[str, torch.Tensor]:
@@ -264,6 +266,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "tensors": len(shapes),
         "parameters": counts,
         "tokenizer": (Path(path) / "tokenizer_config.json").is_file(),
+        "video": {k: meta["config"]["video"][k] for k in ("num_frames", "image_size", "sampling", "resize")},
+        "card": read_card(path),
         "config": meta["config"],
     }
 
@@ -273,3 +277,35 @@ def default_model() -> Path:
     if not (BUNDLED_MODEL / CONFIG_FILE).is_file():
         raise CheckpointError(f"{BUNDLED_MODEL}: this build has no bundled model; pass --model DIR")
     return BUNDLED_MODEL
+
+
+def resolve_model(name_or_path: str | Path | None) -> Path:
+    """A checkpoint directory from what a user typed: nothing (the bundled model), a model
+    name (:data:`MODEL_NAMES`) or a directory."""
+    if name_or_path is None or str(name_or_path) in MODEL_NAMES:
+        return default_model()
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory nor a model name "
+                              f"({', '.join(sorted(MODEL_NAMES))})")
+    return path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card of a checkpoint (``card.json``: what it knows, how well, where measured),
+    or an empty dict if it has none."""
+    card = Path(path) / CARD_FILE
+    if not card.is_file():
+        return {}
+    try:
+        return json.loads(card.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{card}: invalid JSON ({exc})") from None
+
+
+def domain_note(path: str | Path) -> str | None:
+    """One line to show before answers when the model only knows one kind of video."""
+    card = read_card(path)
+    if not card.get("domain"):
+        return None
+    return f"note: {card.get('name', Path(path).name)} knows {card['domain']}"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from hilight.config import PRESETS, SOURCE_FORMATS
-from hilight.errors import ConfigError, DataError, HiLightError
+from hilight.errors import ConfigError, ConversationError, DataError, HiLightError, NoVideoError
 from hilight.files import DTYPE_NAMES
 
 USER_ERROR = 2
@@ -28,9 +28,18 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _model_path(arg: str | None) -> Path:
-    from hilight.checkpoint import default_model
+    from hilight.checkpoint import resolve_model
 
-    return Path(arg) if arg else default_model()
+    return resolve_model(arg)
+
+
+def _note_domain(path: Path) -> None:
+    """Say once, on stderr, when the model only knows one kind of video."""
+    from hilight.checkpoint import domain_note
+
+    note = domain_note(path)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def _engine(args: argparse.Namespace):
@@ -72,15 +81,46 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         from hilight.checkpoint import describe
 
-        info = describe(args.path)
+        info = describe(_model_path(args.path))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info.get('preset') or info['path']}")
+    card = info.get("card") or {}
+    print(f"{card.get('name') or info.get('preset') or info['path']}" + (f" ({info['path']})" if card else ""))
+    if card:
+        print(f"  {card.get('summary', '')}")
+        print(f"  knows: {card.get('domain', 'not stated')}")
+        if card.get("accuracy"):
+            scores = ", ".join(f"{k} {v:.1%}" for k, v in card["accuracy"].items())
+            print(f"  accuracy: {scores} ({card.get('measured_on', 'where: not stated')})")
+        if card.get("license"):
+            print(f"  license: {card['license']}; source: {card.get('source', 'not stated')}")
+    if "video" in info:
+        v = info["video"]
+        print(f"  sees {v['num_frames']} frames per video at {v['image_size']} px ({v['sampling']} sampling, {v['resize']})")
     for name, n in info["parameters"].items():
         print(f"  {name:<14}{n:>16,}")
     if "dtype" in info:
         print(f"  dtype {info['dtype']}, {info['tensors']} tensors, tokenizer: {'yes' if info['tokenizer'] else 'no'}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The models this installation knows by name, and the checkpoints under a folder."""
+    from hilight.checkpoint import CONFIG_FILE, MODEL_NAMES, read_card
+
+    rows = [(name, path) for name, path in sorted(MODEL_NAMES.items()) if (path / CONFIG_FILE).is_file()]
+    if args.models_dir:
+        if not args.models_dir.is_dir():
+            raise ConfigError(f"{args.models_dir}: not a directory")
+        rows += [(p.name, p) for p in sorted(args.models_dir.iterdir()) if (p / CONFIG_FILE).is_file()]
+    for name, path in rows:
+        card = read_card(path)
+        print(f"{name:<24}{path}")
+        if card.get("domain"):
+            print(f"{'':<24}knows: {card['domain']}")
+    if not rows:
+        print("no models found")
     return 0
 
 
@@ -330,9 +370,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from hilight.inference.engine import Conversation, stream_reply
 
     *videos, question = args.inputs
+    if _looks_like_video(question):
+        raise ConversationError(f"{question}: a video file, and no question after it; "
+                                'usage: hilight ask VIDEO... "QUESTION"')
+    if not videos and not args.no_video:
+        raise NoVideoError('no video given: hilight ask VIDEO... "QUESTION" (or --no-video to ask without one)')
     engine = _engine(args)
+    _note_domain(_model_path(args.model))
     conversation = Conversation()
-    answer = "".join(stream_reply(engine, conversation, question, videos, _settings(args))).strip()
+    answer = "".join(stream_reply(engine, conversation, question, videos, _settings(args),
+                                  allow_no_video=args.no_video)).strip()
     if args.json:
         print(json.dumps({"question": conversation.messages[0].content, "videos": videos, "answer": answer}))
     else:
@@ -340,24 +387,42 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _looks_like_video(text: str) -> bool:
+    """A lone argument that names a video file, not a question."""
+    from hilight.video import VIDEO_SUFFIXES
+
+    return " " not in text.strip() and (Path(text).suffix.lower() in VIDEO_SUFFIXES or Path(text).is_file())
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive multi-turn chat about videos in the terminal, with streaming."""
     from hilight.chat import run_chat
+    from hilight.checkpoint import domain_note, read_card
 
-    return run_chat(_engine(args), list(args.videos), _settings(args), _model_path(args.model).name)
+    path = _model_path(args.model)
+    name = read_card(path).get("name") or path.name
+    return run_chat(_engine(args), list(args.videos), _settings(args), name, note=domain_note(path),
+                    allow_no_video=args.no_video)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """OpenAI-compatible HTTP API."""
     import uvicorn
 
+    from hilight.checkpoint import read_card
     from hilight.server import create_app
 
     path = _model_path(args.model)
+    card = read_card(path)
+    name = card.get("name") or path.name
     engine = _engine(args)
-    app = create_app(engine, path.name, allowed_dir=args.allow_dir, max_video_bytes=args.max_video_mb << 20,
-                     max_concurrent=args.max_concurrent, queue_limit=args.queue)
+    app = create_app(engine, name, allowed_dir=args.allow_dir, max_video_bytes=args.max_video_mb << 20,
+                     max_concurrent=args.max_concurrent, queue_limit=args.queue, card=card)
     _warn_if_exposed(args.host)
+    print(f"HiLight API on http://{args.host}:{args.port}/v1 serving {name} ({path}); videos up to "
+          f"{args.max_video_mb} MB, {args.max_concurrent} generation(s) at once, {args.queue} waiting; "
+          f"file:// videos {'under ' + str(args.allow_dir) if args.allow_dir else 'off'}", flush=True)
+    _note_domain(path)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -367,7 +432,7 @@ def cmd_webui(args: argparse.Namespace) -> int:
     from hilight.inference.engine import resolve_dtype
     from hilight.webui import Models, launch
 
-    default = Path(args.model) if args.model else (None if args.models_dir else _model_path(None))
+    default = _model_path(args.model) if args.model or not args.models_dir else None
     models = Models(default, args.models_dir, resolve_dtype(args.dtype), args.quantize)
     auth = None
     if args.auth:
@@ -376,7 +441,10 @@ def cmd_webui(args: argparse.Namespace) -> int:
             raise ConfigError("--auth must be user:password")
         auth = (user, password)
     _warn_if_exposed(args.host)
-    print(f"HiLight web UI on http://{args.host}:{args.port}")
+    print(f"HiLight web UI on http://{args.host}:{args.port} with {', '.join(models.paths)}; uploads up to "
+          f"{args.max_upload_mb} MB and {args.max_duration:.0f} s", flush=True)
+    if default is not None:
+        _note_domain(default)
     launch(models, args.host, args.port, auth, args.max_upload_mb, args.max_duration)
     return 0
 
@@ -445,7 +513,7 @@ def _add_dtype(p: argparse.ArgumentParser, quantize: bool = True) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (default: the bundled billiards-small model)")
+    p.add_argument("--model", help="checkpoint directory or model name (default: the bundled billiards-small)")
     _add_dtype(p)
 
 
@@ -486,10 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="VIDEO... QUESTION",
                    help="video files, then the question (<video> markers in it place the videos)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--no-video", action="store_true", help="ask the model without any video (text only)")
     _add_generation(p)
 
     p = command("chat", cmd_chat, "interactive chat about videos in the terminal")
     p.add_argument("videos", nargs="*", metavar="VIDEO", help="videos that go with your first message")
+    p.add_argument("--no-video", action="store_true", help="allow questions while no video is in the chat")
     _add_generation(p)
 
     p = command("webui", cmd_webui, "Gradio web UI: several videos per conversation, streaming")
@@ -520,9 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="squash to a square, or keep the aspect ratio and crop the centre")
 
     p = command("info", cmd_info, "parameter counts of a preset, or what a checkpoint holds")
-    p.add_argument("path", nargs="?", help="a HiLight checkpoint directory")
+    p.add_argument("path", nargs="?", help="a checkpoint directory or a model name (billiards-small)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a preset")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("models", cmd_models, "the models known by name, and the checkpoints in a folder")
+    p.add_argument("--models-dir", type=Path, help="also list every checkpoint in this directory")
 
     p = command("examples", cmd_examples, "ask the bundled model about the example clips, with the true answers")
     _add_model(p)

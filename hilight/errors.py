@@ -31,6 +31,10 @@ class ConversationError(HiLightError, ValueError):
     """A conversation cannot be encoded (bad roles, video markers, length)."""
 
 
+class NoVideoError(ConversationError):
+    """A question to a video model with no video in the conversation (and text-only not asked for)."""
+
+
 class VideoError(HiLightError):
     """A video file cannot be used; ``path`` is the user's file and ``reason`` says why."""
 

@@ -65,6 +65,9 @@ class ChatRequest(BaseModel):
     top_k: int = Field(default=0, ge=0, le=1000)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    # HiLight's own field (OpenAI clients send it with extra_body): answer a conversation that
+    # holds no video; without it such a request is refused, never answered blind
+    allow_no_video: bool = False
 
 
 def _error(exc: APIError) -> JSONResponse:
@@ -105,7 +108,10 @@ class Gate:
 
 
 def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_video_bytes: int = 64 << 20,
-               max_request_bytes: int = 96 << 20, max_concurrent: int = 1, queue_limit: int = 32) -> FastAPI:
+               max_request_bytes: int = 96 << 20, max_concurrent: int = 1, queue_limit: int = 32,
+               card: dict | None = None) -> FastAPI:
+    """The API for ``engine``'s model, served as ``name``; ``card`` (the checkpoint's model card)
+    is shown by ``/v1/models``."""
     app = FastAPI(title="HiLight", version="1")
     state: dict = {}
     settings_cap = 4096
@@ -134,7 +140,10 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "hilight"}]}
+        entry = {"id": name, "object": "model", "created": 0, "owned_by": "hilight"}
+        if card:
+            entry["card"] = card
+        return {"object": "list", "data": [entry]}
 
     def video_file(url: str, workdir: Path) -> Path:
         if url.startswith("data:"):
@@ -196,7 +205,13 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         gate: Gate = state.setdefault("gate", Gate(max_concurrent, queue_limit))
         try:
+            if req.model is not None and req.model != name:
+                raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{name}`",
+                               param="model")
             conversation, text, videos = to_conversation(req, workdir)
+            if not videos and not conversation.videos and not req.allow_no_video:
+                raise APIError(400, "no video in this conversation: add a video_url part to a user message "
+                                    "(or send allow_no_video: true to ask without one)", param="messages")
         except APIError:
             _cleanup(workdir)
             raise
@@ -207,10 +222,15 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
 
         def produce() -> None:
             try:
-                for piece in stream_reply(engine, conversation, text, videos, settings, cancel, usage):
+                for piece in stream_reply(engine, conversation, text, videos, settings, cancel, usage,
+                                          allow_no_video=req.allow_no_video):
                     loop.call_soon_threadsafe(chunks.put_nowait, ("text", piece))
                 loop.call_soon_threadsafe(chunks.put_nowait, ("done", None))
-            except (VideoError, ConversationError, ValueError) as exc:
+            except VideoError as exc:
+                # name the user's input, never the server's temp copy of a data: URL
+                where = "a video_url part (data: URL)" if Path(exc.path).parent == workdir else exc.path
+                loop.call_soon_threadsafe(chunks.put_nowait, ("error", APIError(400, f"{where}: {exc.reason}")))
+            except (ConversationError, ValueError) as exc:
                 loop.call_soon_threadsafe(chunks.put_nowait, ("error", APIError(400, str(exc))))
             except Exception as exc:  # reported to the client as a 500, logged here
                 log.exception("generation failed")

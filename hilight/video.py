@@ -32,6 +32,10 @@ import torch.nn.functional as F
 from hilight.config import VideoInputConfig
 from hilight.errors import VideoError
 
+# file names that are videos (or stills, read as one-frame clips), for telling a path from a question
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg", ".ts", ".flv",
+                            ".wmv", ".3gp", ".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 8192 * 8192  # larger frames are refused as absurd

@@ -1,13 +1,17 @@
 """The Gradio web UI: several videos per conversation, streaming answers, a model picker.
 
-Each browser session keeps its own videos and conversation. Videos are uploaded once, checked
-(size, duration, decodability) and listed in a gallery; a message takes the videos ticked in
-"videos for this message" (placed where its ``<video>`` markers are, or before the text).
-Errors are shown in the page and never drop the conversation or the other videos.
+Each browser tab has its own session: videos and conversation. Videos are uploaded once (a file
+uploaded again is not copied twice), checked (size, duration, decodability) and listed in a
+gallery; a message takes the videos ticked in "videos for this message" (placed where its
+``<video>`` markers are, or before the text). A new upload is ticked for the next message, and
+the ticks are cleared once a message is answered. A question with no video in the conversation
+is refused. Errors are shown in the page and never drop the conversation or the other videos.
+The session copies of uploads are removed when the tab's session ends and when the server stops.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import shutil
 import tempfile
@@ -16,9 +20,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from hilight.errors import ConfigError
+from hilight.checkpoint import read_card
+from hilight.errors import ConfigError, HiLightError, NoVideoError
+from hilight.files import file_digest
 from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
-from hilight.text import VIDEO_TOKEN, ConversationError
+from hilight.text import VIDEO_TOKEN
 from hilight.video import VideoError, contact_sheet, decode_video
 
 log = logging.getLogger(__name__)
@@ -48,18 +54,43 @@ class Models:
             return self.loaded[name]
 
 
-def _new_session() -> dict:
-    return {"conversation": Conversation(), "videos": {}, "dir": tempfile.mkdtemp(prefix="hilight-ui-")}
+class Sessions:
+    """Every browser tab's session (its conversation and its copies of the uploads) lives in a
+    folder under one root of the server's; a session's folder goes when the tab's session ends,
+    and the root when the server stops."""
+
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix="hilight-ui-"))
+        atexit.register(self.close)
+
+    def new(self) -> dict:
+        return {"conversation": Conversation(), "videos": {}, "digests": {},
+                "dir": tempfile.mkdtemp(prefix="session-", dir=self.root)}
+
+    @staticmethod
+    def end(session: dict | None) -> None:
+        if session:
+            shutil.rmtree(session["dir"], ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 600.0) -> gr.Blocks:
+def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 600.0,
+              sessions: Sessions | None = None) -> gr.Blocks:
     names = list(models.paths)
+    sessions = sessions or Sessions()
 
     def add_videos(files, session):
-        session = session or _new_session()
-        problems = []
+        session = session or sessions.new()
+        problems, added = [], []
         for f in files or []:
             path = Path(f if isinstance(f, str) else f.name)
+            if not path.is_file():
+                continue
+            digest = file_digest(path)
+            if digest in session["digests"]:  # the upload box hands every file again: keep one copy
+                continue
             size = path.stat().st_size
             if size > max_upload_mb << 20:
                 problems.append(f"{path.name}: {size >> 20} MB is over the {max_upload_mb} MB limit")
@@ -77,18 +108,29 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
             kept = Path(session["dir"]) / name
             shutil.copy(path, kept)
             session["videos"][name] = kept
+            session["digests"][digest] = name
+            added.append(name)
         for p in problems:
             gr.Warning(p)
         status = "; ".join(problems) if problems else f"{len(session['videos'])} video(s) in this session"
+        if added:
+            status += f"; {', '.join(added)} selected for your next message"
         choices = list(session["videos"])
         gallery = [(str(p), n) for n, p in session["videos"].items()]
-        return session, gr.update(choices=choices), gr.update(choices=choices), gallery, status
+        # a new upload goes with the next message
+        selected = gr.update(choices=choices, value=added) if added else gr.update(choices=choices)
+        return session, selected, gr.update(choices=choices), gallery, status
 
     def send(message, chosen, history, session, model_name, max_new, temperature, top_p, top_k, beams):
-        session = session or _new_session()
+        session = session or sessions.new()
         history = list(history or [])
         if not message.strip() and not chosen:
-            yield history, message, session, "type a message"
+            yield history, message, session, "type a message", gr.update()
+            return
+        unknown = [n for n in chosen or [] if n not in session["videos"]]
+        if unknown:  # e.g. sent while the upload is still being checked
+            gr.Warning(f"{', '.join(unknown)} is not in this session yet; wait for the upload to finish")
+            yield history, message, session, f"error: {', '.join(unknown)} is not uploaded yet", gr.update()
             return
         videos = [session["videos"][n] for n in chosen or []]
         settings = GenerationSettings.from_request(max_new, temperature, top_p, top_k, beams)
@@ -99,11 +141,16 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
             stream = stream_reply(engine, session["conversation"], message, videos, settings)
             for chunk in stream:
                 history[-1]["content"] += chunk
-                yield history, "", session, "answering..."
-            yield history, "", session, f"{len(session['conversation'].messages) // 2} turn(s)"
-        except (VideoError, ConversationError, ValueError) as exc:
+                yield history, "", session, "answering...", gr.update()
+            # the selection was for this message: the next one starts with none
+            yield history, "", session, f"{len(session['conversation'].messages) // 2} turn(s)", gr.update(value=[])
+        except NoVideoError:
+            text = "no video in this conversation: upload one and tick it for your message"
+            gr.Warning(text)
+            yield history[:-2], message, session, f"error: {text}", gr.update()
+        except HiLightError as exc:
             gr.Warning(str(exc))
-            yield history[:-2], message, session, f"error: {exc}"
+            yield history[:-2], message, session, f"error: {exc}", gr.update()
 
     def frames(name, session):
         if not session or name not in session["videos"]:
@@ -113,25 +160,27 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
         return contact_sheet(session["videos"][name], engine.model.config.video)
 
     def reset_chat(session):
-        session = session or _new_session()
+        session = session or sessions.new()
         session["conversation"] = Conversation()
         return [], session, "conversation cleared (videos kept)"
 
     def reset_all(session):
-        if session:
-            shutil.rmtree(session["dir"], ignore_errors=True)
-        return [], _new_session(), gr.update(choices=[], value=[]), gr.update(choices=[], value=None), [], "cleared"
+        sessions.end(session)
+        return [], sessions.new(), gr.update(choices=[], value=[]), gr.update(choices=[], value=None), [], "cleared"
 
     def switch_model(name, session):
         models.get(name)
-        session = session or _new_session()
+        session = session or sessions.new()
         session["conversation"] = Conversation()  # a different model starts a new chat
         loaded = ", ".join(models.loaded)
         return [], session, f"model {name} ready (loaded: {loaded}); conversation cleared"
 
     with gr.Blocks(title="HiLight") as app:
-        session = gr.State(None)
+        # one session per browser tab, made when the page loads (not by whichever of upload and
+        # send runs first); its folder is removed when the tab's session ends
+        session = gr.State(None, delete_callback=Sessions.end)
         gr.Markdown("## HiLight: talk with your videos")
+        card = gr.Markdown(_card_text(models, names[0]))
         with gr.Row():
             with gr.Column(scale=1):
                 model = gr.Dropdown(names, value=names[0], label="model")
@@ -160,16 +209,26 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
                     clear_all = gr.Button("reset all")
                 status = gr.Markdown("")
 
+        app.load(sessions.new, None, session)
         uploads.upload(add_videos, [uploads, session], [session, chosen, pick, gallery, status], api_name="upload")
         inputs = [message, chosen, chat, session, model, max_new, temperature, top_p, top_k, beams]
-        send_button.click(send, inputs, [chat, message, session, status], api_name="send")
-        message.submit(send, inputs, [chat, message, session, status])
+        send_button.click(send, inputs, [chat, message, session, status, chosen], api_name="send")
+        message.submit(send, inputs, [chat, message, session, status, chosen])
         insert.click(lambda text: f"{text}{VIDEO_TOKEN}", message, message)
         show.click(frames, [pick, session], sheet)
         clear.click(reset_chat, session, [chat, session, status])
         clear_all.click(reset_all, session, [chat, session, chosen, pick, gallery, status])
         model.change(switch_model, [model, session], [chat, session, status])
+        model.change(lambda name: _card_text(models, name), model, card)
     return app
+
+
+def _card_text(models: Models, name: str) -> str:
+    """What the selected model knows, from its card."""
+    card = read_card(models.paths[name])
+    if not card.get("domain"):
+        return f"*{name}*: no model card (what it knows is not stated)"
+    return f"*{card.get('name', name)}* knows **{card['domain']}**."
 
 
 def _unique(name: str, taken: dict) -> str:
@@ -183,8 +242,14 @@ def _unique(name: str, taken: dict) -> str:
 def launch(models: Models, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
            max_upload_mb: int = 200, max_duration_s: float = 600.0, block: bool = True):
     """Serve the UI (never through a public share link)."""
-    app = build_app(models, max_upload_mb, max_duration_s)
+    sessions = Sessions()
+    app = build_app(models, max_upload_mb, max_duration_s, sessions)
     app.queue(default_concurrency_limit=1, max_size=32)
-    app.launch(server_name=host, server_port=port, auth=auth, share=False, max_file_size=f"{max_upload_mb}mb",
-               prevent_thread_lock=not block, quiet=True, show_error=True)
+    app.hilight_sessions = sessions  # the running server's session folders (removed by close())
+    try:
+        app.launch(server_name=host, server_port=port, auth=auth, share=False, max_file_size=f"{max_upload_mb}mb",
+                   prevent_thread_lock=not block, quiet=True, show_error=True)
+    finally:
+        if block:  # the server has stopped
+            sessions.close()
     return app

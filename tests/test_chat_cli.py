@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,41 @@ def test_ask_bad_video_is_one_line(setup):
     root, model, _ = setup
     out = _run(["ask", str(root / "bad.mp4"), "What?", "--model", str(model)])
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "bad.mp4: not a readable media file" in out.stderr
+
+
+def test_ask_needs_a_video_and_a_question(setup):
+    root, model, clips = setup
+    out = _run(["ask", str(clips[0]), "--model", str(model)])
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert f"{clips[0]}: a video file, and no question after it" in out.stderr
+    out = _run(["ask", "What happens?", "--model", str(model)])
+    assert out.returncode == 2 and "no video given" in out.stderr and "--no-video" in out.stderr
+    out = _run(["ask", "What happens?", "--model", str(model), "--no-video", "--max-new-tokens", "4"])
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_bundled_model_is_known_by_name_and_says_what_it_knows(capsys):
+    from hilight.cli import main
+
+    assert main(["info", "billiards-small"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("billiards-small (") and "knows: top-down clips of HiLight's synthetic billiards" in out
+    assert "sees 8 frames per video at 112 px" in out and "single-video questions 53.5%" in out
+    assert main(["models"]) == 0 and capsys.readouterr().out.startswith("billiards-small ")
+    example = Path(__file__).resolve().parents[1] / "examples" / "test-00001.mp4"
+    assert main(["ask", str(example), "Did the cue ball go into a pocket?", "--model", "billiards-small",
+                 "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("note: billiards-small knows top-down clips") and captured.out.strip()
+
+
+def test_chat_refuses_a_question_before_any_video(setup):
+    root, model, clips = setup
+    out = _run(["chat", "--model", str(model), "--max-new-tokens", "4"], f"What happens?\n/video {clips[0]}\nAnd now?\n"
+               "/history\n/quit\n")
+    assert out.returncode == 0, out.stderr
+    assert "error: no video in this chat yet: add one with /video PATH" in out.stdout
+    assert "user> <video>\nAnd now?" in out.stdout  # the refused question left no trace; the next one went on
 
 
 def test_chat_session(setup, tmp_path):

@@ -91,4 +91,5 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_info_on_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert err.strip().endswith("not a checkpoint directory") and err.count("\n") == 1
+    assert err.strip().endswith("not a checkpoint directory nor a model name (billiards-small)")
+    assert err.count("\n") == 1

@@ -64,7 +64,8 @@ class Probe:
 
 
 def _reply(engine, conversation, text, videos, settings, usage=None, cancel=None) -> str:
-    return "".join(stream_reply(engine, conversation, text, videos, settings, cancel, usage))
+    return "".join(stream_reply(engine, conversation, text, videos, settings, cancel, usage,
+                                allow_no_video=not videos and not conversation.videos))
 
 
 def test_position_keys_name_the_video_at_each_visual_position():
@@ -111,6 +112,22 @@ def test_reply_tokens_that_survive_as_text_are_not_run_again(tokenizer):
     _reply(engine, conversation, "More?", [], GenerationSettings(4), usage)
     assert usage["cached_tokens"] == shared >= len(first)
     assert cache.keys[: len(first)] == first.input_ids
+
+
+def test_a_question_with_no_video_is_refused_unless_asked_for(tokenizer, clips):
+    from hilight.errors import NoVideoError
+
+    engine = _engine(tokenizer)
+    conversation = Conversation()
+    with pytest.raises(NoVideoError, match="no video in this conversation"):
+        "".join(stream_reply(engine, conversation, "What happens?", [], GenerationSettings(4)))
+    assert conversation.messages == []  # nothing was added
+    text = "".join(stream_reply(engine, conversation, "What happens?", [], GenerationSettings(4), allow_no_video=True))
+    assert conversation.messages[-1].content == text.strip()
+    _reply(engine, conversation, "And here?", clips[:1], GenerationSettings(4))
+    # once the conversation holds a video, a follow-up without a new one is about it
+    "".join(stream_reply(engine, conversation, "Anything else?", [], GenerationSettings(4)))
+    assert len(conversation.messages) == 6
 
 
 def test_earlier_videos_are_not_looked_up_again(tokenizer, clips):

@@ -46,6 +46,9 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
     bundle(tmp_path / "run", tmp_path / "asset", tmp_path / "examples", count=2)
     assert load_checkpoint(tmp_path / "asset")[0].config == load_checkpoint(summary["model"])[0].config
     assert (tmp_path / "asset" / "eval-report.md").is_file()
+    card = json.loads((tmp_path / "asset" / "card.json").read_text())
+    assert card["name"] == "billiards-small" and card["accuracy"]["single-video questions"] == \
+        round(report["single_video"]["accuracy"], 3)
     assert 1 <= len(list((tmp_path / "examples").glob("*.mp4"))) <= 2  # the toy test split may hold one clip
     assert set(json.loads((tmp_path / "examples" / "truth.json").read_text())) == \
         {p.name for p in (tmp_path / "examples").glob("*.mp4")}

@@ -93,6 +93,26 @@ def test_bad_requests_get_openai_style_errors(served, body, status, fragment):
     r = httpx.post(served["url"] + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]["message"]
+    assert "hilight-req-" not in r.json()["error"]["message"]  # never the server's temp copy
+
+
+def test_a_conversation_without_a_video_is_refused_unless_asked_for(served):
+    url = served["url"] + "/v1/chat/completions"
+    body = {"model": "tiny-test", "messages": [{"role": "user", "content": "What happens?"}], "max_tokens": 4}
+    r = httpx.post(url, json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "no video in this conversation" in r.json()["error"]["message"]
+    r = httpx.post(url, json={**body, "allow_no_video": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    expected = "".join(stream_reply(served["engine"], Conversation(), "What happens?", [], GenerationSettings(4),
+                                    allow_no_video=True)).strip()
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_an_unknown_model_is_404(served):
+    r = httpx.post(served["url"] + "/v1/chat/completions", timeout=60,
+                   json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and "`gpt-4o` does not exist" in r.json()["error"]["message"]
 
 
 def test_too_large_is_413(served):

@@ -1,6 +1,7 @@
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,16 +43,63 @@ def _text(message) -> str:
 
 def test_upload_ask_and_keep_the_conversation_on_errors(ui):
     client = Client(ui["url"], verbose=False)
-    status = client.predict([handle_file(str(ui["clip"])), handle_file(str(ui["bad"]))], api_name="/upload")[-1]
+    chosen, _, _, status = client.predict([handle_file(str(ui["clip"])), handle_file(str(ui["bad"]))],
+                                          api_name="/upload")
     assert "notes.mp4: not a readable media file" in status
-    history, _, status = client.predict("What happens here?", ["pool-shot.mp4"], [], "tiny-a", 64, 0, 1, 0, 1,
-                                        api_name="/send")
+    assert chosen["value"] == ["pool-shot.mp4"]  # the new upload is ticked for the next message
+    history, _, status, chosen = client.predict("What happens here?", ["pool-shot.mp4"], [], "tiny-a", 64, 0, 1, 0,
+                                                1, api_name="/send")
     assert _text(history[-1]) == _expected(ui["root"], ui["clip"], "What happens here?")
     assert "pool-shot.mp4" in _text(history[0]) and status == "1 turn(s)"
+    assert chosen["value"] == []  # the ticks were for that message
     # a message whose markers do not match its videos is refused; the conversation stays
-    kept, message, status = client.predict("<video> and <video>?", ["pool-shot.mp4"], history, "tiny-a", 16, 0, 1, 0,
-                                            1, api_name="/send")
+    kept, message, status, _ = client.predict("<video> and <video>?", ["pool-shot.mp4"], history, "tiny-a", 16, 0, 1,
+                                              0, 1, api_name="/send")
     assert status.startswith("error") and len(kept) == 2 and message == "<video> and <video>?"
+
+
+def test_a_question_without_any_video_is_refused(ui):
+    client = Client(ui["url"], verbose=False)
+    history, message, status, _ = client.predict("What happens here?", [], [], "tiny-a", 16, 0, 1, 0, 1,
+                                                 api_name="/send")
+    assert history == [] and message == "What happens here?"
+    assert status.startswith("error: no video in this conversation")
+
+
+def test_sending_before_an_upload_is_in_the_session_is_an_error_not_a_crash(tmp_path, tokenizer):
+    """The page makes each tab's session when it loads; were a message ever to name a video its
+    session does not hold (the upload still being checked), it gets an error, not a KeyError."""
+    from hilight.webui import Sessions, build_app
+
+    talkative_checkpoint(tmp_path / "models" / "tiny-c", tokenizer, seed=3)
+    sessions = Sessions()
+    app = build_app(Models(None, tmp_path / "models"), 5, 600.0, sessions)
+    fns = {fn.name: fn.fn for fn in app.fns.values()}
+    session = fns["new"]()  # what the page's load event runs
+    replies = list(fns["send"]("Which ball?", ["still-uploading.mp4"], [], session, "tiny-c", 16, 0, 1, 0, 1))
+    history, message, _, status, _ = replies[-1]
+    assert status == "error: still-uploading.mp4 is not uploaded yet" and history == [] and message == "Which ball?"
+    sessions.close()
+
+
+def test_uploads_are_kept_once_and_removed_with_the_session(tmp_path, tokenizer):
+    from hilight.webui import Sessions, build_app
+
+    talkative_checkpoint(tmp_path / "models" / "tiny-b", tokenizer, seed=2)
+    clip = write_video(tmp_path / "shot.mp4", moving_balls_clip(8, 64, seed=4))
+    other = write_video(tmp_path / "other.mp4", moving_balls_clip(8, 64, seed=5))
+    sessions = Sessions()
+    app = build_app(Models(None, tmp_path / "models"), 5, 600.0, sessions)
+    add_videos = next(fn.fn for fn in app.fns.values() if fn.name == "add_videos")
+    session, first, *_ = add_videos([str(clip)], None)
+    session, second, *_ = add_videos([str(clip), str(other)], session)  # the upload box hands both again
+    assert sorted(session["videos"]) == ["other.mp4", "shot.mp4"] and second["value"] == ["other.mp4"]
+    folder = Path(session["dir"])
+    assert sorted(p.name for p in folder.iterdir()) == ["other.mp4", "shot.mp4"]
+    Sessions.end(session)  # the tab's session ended
+    assert not folder.exists() and sessions.root.exists()
+    sessions.close()  # the server stopped
+    assert not sessions.root.exists()
 
 
 def test_in_a_real_headless_browser(ui):
@@ -76,7 +124,7 @@ def test_in_a_real_headless_browser(ui):
         upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
         upload.send_keys(str(ui["clip"]))
         box = wait.until(ec.element_to_be_clickable((By.XPATH, "//label[contains(., 'pool-shot.mp4')]//input")))
-        box.click()
+        wait.until(lambda d: box.is_selected())  # a new upload is ticked for the next message
         driver.find_element(By.CSS_SELECTOR, "textarea").send_keys("What happens here?")
         driver.find_element(By.XPATH, "//button[normalize-space()='send']").click()
         wait.until(lambda d: "1 turn(s)" in d.page_source)

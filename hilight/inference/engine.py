@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from hilight.errors import ConfigError
+from hilight.errors import ConfigError, NoVideoError
 from hilight.files import file_digest, torch_dtype
 from hilight.model import HiLight
 from hilight.text import VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Message, collate
@@ -307,15 +307,21 @@ def _resume(engine: Engine, cache: PromptCache | None, keys: Sequence[int | str]
 
 def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: Sequence[str | Path] = (),
                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
-                 usage: dict | None = None) -> Iterator[str]:
+                 usage: dict | None = None, allow_no_video: bool = False) -> Iterator[str]:
     """Add a user turn and stream the model's reply, chunk by chunk; the reply is appended to
     the conversation when it finishes (also when cancelled, with what was generated).
 
     The model runs only over the prompt positions that the conversation's KV cache does not
     hold yet (the previous reply and the new turn, in a plain follow-up), so videos already in
     the conversation are not decoded, encoded, nor even fetched from the per-video cache. ``usage``, if given, receives ``prompt_tokens``,
-    ``cached_tokens`` (of the prompt, not run again) and ``completion_tokens``."""
+    ``cached_tokens`` (of the prompt, not run again) and ``completion_tokens``.
+
+    A conversation with no video at all is refused (:class:`NoVideoError`): a video model asked
+    about nothing answers blind, and confidently. ``allow_no_video`` asks it without one."""
     settings = settings or GenerationSettings()
+    if not videos and not conversation.videos and not allow_no_video:
+        raise NoVideoError("no video in this conversation: add a video to the question, or ask without one "
+                           "explicitly")
     text = place_videos(text, len(videos))
     paths = [Path(v) for v in videos]
     # decode and encode first: a bad video raises before anything changes

@@ -40,6 +40,7 @@ from hilight.config import (
     load_yaml,
     to_dict,
 )
+from hilight.checkpoint import CARD_FILE
 from hilight.errors import ConfigError, HiLightError
 from hilight.recipes.billiards_small.facts import MINED_FACTS, TOWER_FACTS
 
@@ -240,6 +241,27 @@ def _evaluate(model: Path, data: Path, out: Path) -> dict:
                     batch_size=16, title=f"billiards-small on the held-out test split ({out.name})")
 
 
+def model_card(report: dict, run: Path) -> dict:
+    """What the bundled model knows and how well, from its evaluation report."""
+    groups = {"single_video": "single-video", "two_video": "two-video"}
+    accuracy = {f"{label} questions": round(report[k]["accuracy"], 3) for k, label in groups.items() if k in report}
+    baselines = {f"{label} {b}": round(report[k][b], 3) for k, label in groups.items() if k in report
+                 for b in ("blind", "majority")}
+    n = report.get("overall", {}).get("n", 0)
+    return {
+        "name": "billiards-small",
+        "summary": "HiLight's bundled demonstration model, trained from scratch by `hilight recipe billiards-small`",
+        "domain": "top-down clips of HiLight's synthetic billiards table only; about any other video its answers "
+                  "mean nothing",
+        "questions": sorted(report.get("per_type", {})),
+        "accuracy": accuracy,
+        "baselines": baselines,
+        "measured_on": f"the recipe's held-out test split ({n:,} questions), greedy (eval-report.md; run {run.name})",
+        "license": "Apache-2.0",
+        "source": "trained by HiLight's own recipe on generated data; configs/recipes/billiards-small.yaml",
+    }
+
+
 def bundle(run: Path, target: Path, examples: Path, count: int = 4) -> None:
     """Copy the trained model into the package and a few test clips (with truth) to ``examples``."""
     from hilight.checkpoint import load_checkpoint, save_checkpoint
@@ -247,6 +269,8 @@ def bundle(run: Path, target: Path, examples: Path, count: int = 4) -> None:
     model, tokenizer = load_checkpoint(run / "stage2" / "final")
     save_checkpoint(model, target, tokenizer)
     shutil.copy(run / "report" / "report.md", target / "eval-report.md")
+    (target / CARD_FILE).write_text(json.dumps(model_card(json.loads((run / "report" / "report.json").read_text()),
+                                                          run), indent=1) + "\n")
     examples.mkdir(parents=True, exist_ok=True)
     data = run / "data"
     truth = json.loads((data / "test-truth.json").read_text())
