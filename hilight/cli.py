@@ -254,43 +254,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    """Validate a training JSON and its videos up front."""
-    from collections import Counter
-
+    """Validate a training JSON and its videos up front; every bad record goes to a report."""
     from hilight.checkpoint import read_config
-    from hilight.data import encode_records, read_records
+    from hilight.data import check_dataset, read_records
     from hilight.text import ChatTokenizer
     from hilight.tokenizer import load_tokenizer
-    from hilight.video import decode_video
 
-    config = read_config(args.model)
-    chat = ChatTokenizer(load_tokenizer(args.model), config.tokens_per_video)
-    records = read_records(args.data)
+    model = _model_path(args.model)
+    config = read_config(model)
+    chat = ChatTokenizer(load_tokenizer(model), config.tokens_per_video)
     max_length = args.max_length or config.text.max_length
-    samples, bad = encode_records(records, args.videos, chat, max_length, "error")
-    bad = [{"id": b.id, "reason": b.reason} for b in bad]
-    videos = sorted({v for s in samples for v in s.videos})
-    broken: dict = {}
-    for video in videos:
-        try:
-            decode_video(video, config.video)
-        except HiLightError as exc:
-            broken[video] = getattr(exc, "reason", str(exc))
-    for s in samples:
-        reasons = [f"{v.name}: {broken[v]}" for v in s.videos if v in broken]
-        if reasons:
-            bad.append({"id": s.id, "reason": reasons[0]})
-    lengths = [len(s.encoded) for s in samples]
-    print(f"{args.data}: {len(records)} records, {len(records) - len(bad)} usable, {len(bad)} bad")
-    print(f"  videos: {len(videos)} referenced, {len(broken)} unreadable")
-    if lengths:
-        print(f"  length: max {max(lengths)}, mean {sum(lengths) / len(lengths):.0f} (limit {max_length})")
-    for reason, n in Counter(b["reason"].split(":")[0] for b in bad).most_common(8):
-        print(f"  {n:6d} x {reason}")
-    out = args.out or Path(args.data).with_suffix(".bad.json")
-    out.write_text(json.dumps(bad, indent=1) + "\n")
-    print(f"  bad samples listed in {out}")
-    return 1 if bad and args.strict else 0
+    result = check_dataset(read_records(args.data), args.videos, chat, max_length, config.video)
+    counts = [_count(group, n) for group, n in sorted(result["groups"].items(), key=lambda kv: -kv[1])]
+    print(f"{args.data}: {result['records']} records: {result['usable']} usable" + "".join(f"; {c}" for c in counts))
+    print(f"  videos: {result['videos']} referenced, {result['unreadable']} unusable; checked against {model.name} "
+          f"({config.video.num_frames} frames at {config.video.image_size} px, at most {max_length} tokens)")
+    if result["lengths"]:
+        lengths = result["lengths"]
+        print(f"  length of the usable samples: max {max(lengths)}, mean {sum(lengths) / len(lengths):.0f} tokens")
+    for group in sorted(result["groups"], key=lambda g: -result["groups"][g]):
+        members = [b for b in result["bad"] if b["group"] == group]
+        shown = ", ".join(f"{b['file']} (record {b['id']})" if "file" in b else f"record {b['id']} ({b['reason']})"
+                          for b in members[:10])
+        more = f", and {len(members) - 10} more" if len(members) > 10 else ""
+        print(f"  {_count(group, len(members))}: {shown}{more}")
+    if any(b.get("file", "").endswith(".pkl") for b in result["bad"]):
+        print("  note: records that name .pkl files are read as the video with the same name stem; pickled frames "
+              "are never unpickled, so point --videos at the folder of the raw videos")
+    out = args.out or Path.cwd() / f"{Path(args.data).stem}.bad.json"
+    out.write_text(json.dumps(result["bad"], indent=1) + "\n")
+    print(f"  every bad record is listed in {out}")
+    return 1 if result["bad"] and args.strict else 0
+
+
+def _count(group: str, n: int) -> str:
+    """``7 missing files`` for the named groups, ``2 x <reason>`` for any other reason."""
+    from hilight.data import GROUP_NAMES
+
+    if group not in GROUP_NAMES:
+        return f"{n} x {group}"
+    head, sep, rest = group.partition(" whose ")
+    return f"{n} {group if n == 1 else f'{head}s{sep}{rest}'}"
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -481,7 +485,8 @@ def cmd_examples(args: argparse.Namespace) -> int:
     for it in items:
         ok = extract(it.kind, it.answer) == it.truth
         right += ok
-        print(f"{', '.join(v.name for v in it.videos)}: {it.messages[-1].content.replace('<video>', '').strip()}")
+        question = " ".join(it.messages[-1].content.replace("<video>", " ").split())  # one line, without markers
+        print(f"{', '.join(v.name for v in it.videos)}: {question}")
         print(f"  model: {it.answer}")
         print(f"  truth: {it.reference}   [{'right' if ok else 'wrong'}]")
     print(f"{right} of {len(items)} right")
@@ -640,9 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_check)
     q.add_argument("data", type=Path, help="LLaVA-style JSON")
     q.add_argument("--videos", type=Path, required=True, help="folder the records' video names are under")
-    q.add_argument("--model", required=True, help="checkpoint whose tokenizer and sizes apply")
+    q.add_argument("--model", help="checkpoint or model name whose tokenizer and sizes apply "
+                                   "(default: the bundled billiards-small)")
     q.add_argument("--max-length", type=int, help="longest sample in tokens (default: the model's)")
-    q.add_argument("--out", type=Path, help="bad-sample list (default: DATA.bad.json)")
+    q.add_argument("--out", type=Path, help="the report of every bad record (default: ./DATA.bad.json)")
     q.add_argument("--strict", action="store_true", help="exit 1 when any sample is bad")
 
     p = command("extract-features", cmd_extract, "cache the frozen towers' outputs per video")

@@ -9,6 +9,7 @@ tower or setting never reuses stale features.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from hilight.errors import DataError
 from hilight.files import file_digest
 from hilight.model import HiLight, TowerOutputs
 from hilight.text import VIDEO_TOKEN, ChatTokenizer, ConversationError, Encoded, collate, from_llava
-from hilight.video import VideoError, load_video
+from hilight.video import VIDEO_SUFFIXES, VideoError, load_video
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,45 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def record_videos(record: dict, video_dir: Path) -> list[Path]:
+    """The record's video files (``video``: a name or a list of names under ``video_dir``)."""
     names = record.get("video") or []
     names = [names] if isinstance(names, str) else names
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ConversationError("'video' must be a file name or a list of names")
-    return [video_dir / n for n in names]
+    return [resolve_video(Path(video_dir), n) for n in names]
+
+
+def resolve_video(video_dir: Path, name: str) -> Path:
+    """``video_dir / name``, except for a ``.pkl`` name: VideoInstruct-100K-style records name
+    ``v_xxx.pkl`` (frames the original pickled), while the videos people have are ``v_xxx.mp4``;
+    such a name means the video with the same stem in ``video_dir``. Pickles are never read:
+    with no such video, the ``.pkl`` path is returned and is refused where it is read."""
+    if Path(name).suffix.lower() != PICKLED_FRAMES:
+        return video_dir / name
+    found = _videos_by_stem(str(video_dir)).get(Path(name).stem)
+    return video_dir / found if found else video_dir / name
+
+
+PICKLED_FRAMES = ".pkl"
+
+
+@functools.lru_cache(maxsize=8)
+def _videos_by_stem(video_dir: str) -> dict[str, str]:
+    """Stem -> file name of the videos in a folder, listed once per process."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(video_dir) if entry.is_file())
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for name in names:
+        if Path(name).suffix.lower() in VIDEO_SUFFIXES:
+            found.setdefault(Path(name).stem, name)
+    return found
+
+
+def pickled_frames_reason(path: Path) -> str:
+    """Why a ``.pkl`` video name could not be used."""
+    return f"no such file (nor a video named {path.stem}.*; pickled frames are never read)"
 
 
 def encode_records(records: list[dict], video_dir: Path, chat: ChatTokenizer, max_length: int,
@@ -183,9 +218,11 @@ class VideoQADataset(Dataset):
         self.bad = list(bad)
         self.samples = []
         for s in samples:
-            missing = [v for v in s.videos if not v.is_file()]
+            missing = [v for v in s.videos if not v.is_file() or v.suffix.lower() == PICKLED_FRAMES]
             if missing:
-                self.bad.append(BadSample(s.id, f"missing video {missing[0]}"))
+                reason = (pickled_frames_reason(missing[0]) if missing[0].suffix.lower() == PICKLED_FRAMES
+                          else f"missing video {missing[0]}")
+                self.bad.append(BadSample(s.id, reason))
             elif cache is not None and not all(cache.has(v) for v in s.videos):
                 self.bad.append(BadSample(s.id, "video not in the feature cache (undecodable or not extracted)"))
             else:
@@ -214,3 +251,57 @@ def collate_samples(batch: list[tuple[Encoded, list]], pad_id: int) -> dict:
     elif videos:
         out["pixel_values"] = torch.stack(videos)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checking a dataset up front (`hilight data check`)
+
+# reasons a record is not usable, grouped under a name that counts ("7 missing files")
+_GROUPS = (("no such file", "missing file"), ("empty file", "empty file"), ("not a readable media file", "unreadable file"), ("exceed max_length", "over-long sample"),
+           ("marker", "record whose <video> markers do not match its videos"))
+
+
+GROUP_NAMES = frozenset(group for _, group in _GROUPS)
+
+
+def reason_group(reason: str) -> str:
+    """The group a bad record's reason belongs to (its own reason when no group fits)."""
+    return next((group for key, group in _GROUPS if key in reason), reason)
+
+
+def check_dataset(records: list[dict], video_dir: Path, chat: ChatTokenizer, max_length: int,
+                  video_cfg) -> dict:
+    """Every record checked as training would use it: its conversation and length, and every
+    video decoded once. Returns ``usable`` (count), ``bad`` (each with ``id``, ``videos``,
+    ``reason``, ``group``), ``groups`` (group -> count), ``videos`` and ``unreadable`` counts and
+    the token ``lengths`` of the usable samples."""
+    from hilight.video import decode_video
+
+    samples, bad_samples = encode_records(records, video_dir, chat, max_length, "error")
+    names = {str(r.get("id", n)) if isinstance(r, dict) else str(n): r.get("video") if isinstance(r, dict) else None
+             for n, r in enumerate(records)}
+    bad = [{"id": b.id, "videos": names.get(b.id), "reason": b.reason} for b in bad_samples]
+    videos = sorted({v for s in samples for v in s.videos})
+    broken: dict[Path, str] = {}
+    for video in videos:
+        if video.suffix.lower() == PICKLED_FRAMES:
+            broken[video] = pickled_frames_reason(video)
+            continue
+        try:
+            decode_video(video, video_cfg)
+        except VideoError as exc:
+            broken[video] = exc.reason
+    usable = []
+    for s in samples:
+        failing = [v for v in s.videos if v in broken]
+        if failing:
+            bad.append({"id": s.id, "videos": [v.name for v in s.videos], "file": failing[0].name,
+                        "reason": f"{failing[0].name}: {broken[failing[0]]}"})
+        else:
+            usable.append(s)
+    groups: dict[str, int] = {}
+    for b in bad:
+        b["group"] = reason_group(b["reason"])
+        groups[b["group"]] = groups.get(b["group"], 0) + 1
+    return {"records": len(records), "usable": len(usable), "bad": bad, "groups": groups, "videos": len(videos),
+            "unreadable": len(broken), "lengths": [len(s.encoded) for s in usable]}

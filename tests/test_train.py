@@ -150,15 +150,47 @@ def test_data_check_lists_bad_samples(workspace, capsys):
     records[0] = dict(records[0], video="missing.mp4")
     path = workspace / "bil" / "check.json"
     path.write_text(json.dumps(records))
-    check = ["data", "check", str(path), "--videos", str(workspace / "bil" / "videos"), "--model", str(workspace / "base")]
+    report = workspace / "check-report.json"
+    check = ["data", "check", str(path), "--videos", str(workspace / "bil" / "videos"), "--model", str(workspace / "base"),
+             "--out", str(report)]
     assert main(check) == 0
     out = capsys.readouterr().out
-    assert "5 records, 4 usable, 1 bad" in out and "1 unreadable" in out
-    bad = json.loads(path.with_suffix(".bad.json").read_text())
+    assert "5 records: 4 usable; 1 missing file" in out and "1 unusable" in out
+    bad = json.loads(report.read_text())
     assert [b["id"] for b in bad] == [str(records[0]["id"])] and "missing.mp4" in bad[0]["reason"]
     assert main([*check, "--max-length", "40", "--strict"]) == 1  # every sample is now too long
-    bad = json.loads(path.with_suffix(".bad.json").read_text())
+    assert "5 records: 0 usable; 5 over-long samples" in capsys.readouterr().out
+    bad = json.loads(report.read_text())
     assert len(bad) == 5 and all("exceed max_length 40" in b["reason"] for b in bad)
+
+
+def test_data_check_on_videoinstruct_style_records(tmp_path, capsys, monkeypatch):
+    """VideoInstruct-100K names v_xxx.pkl (the original's pickled frames): the raw v_xxx.mp4
+    beside it is used; the bundled model's settings apply by default; the report goes to the
+    current directory."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(ROOT / "examples" / "test-00001.mp4", videos / "v_real.mp4")
+    for name in ("v_empty1.mp4", "v_empty2.mp4"):
+        (videos / name).write_bytes(b"")
+    (videos / "v_gone0.pkl").write_bytes(b"\x80\x04not really a pickle")  # a pickle is never read
+    names = ["v_real", "v_empty1", "v_empty2", *(f"v_gone{i}" for i in range(7))]
+    records = [{"id": n, "video": f"{n}.pkl", "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens in the video?"}, {"from": "gpt", "value": "A shot."}]}
+        for n in names]
+    data = tmp_path / "VideoInstruct-10.json"
+    data.write_text(json.dumps(records))
+    monkeypatch.chdir(tmp_path / "videos")
+    assert main(["data", "check", str(data), "--videos", str(videos)]) == 0
+    out = capsys.readouterr().out
+    assert "10 records: 1 usable; 7 missing files; 2 empty files" in out
+    assert "v_empty1.mp4 (record v_empty1), v_empty2.mp4 (record v_empty2)" in out
+    assert all(f"v_gone{i}.pkl (record v_gone{i})" in out for i in range(7))
+    assert "pickled frames are never unpickled" in out and "billiards-small" in out
+    bad = json.loads((videos / "VideoInstruct-10.bad.json").read_text())
+    assert sorted(b["id"] for b in bad) == sorted(names[1:])
+    assert record_videos(records[0], videos) == [videos / "v_real.mp4"]  # what training reads, too
+    assert record_videos(records[3], videos) == [videos / "v_gone0.pkl"]  # refused where it is read
 
 
 def test_feature_cache_keys_follow_towers_and_preprocessing(workspace):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from hilight.checkpoint import CARD_FILE
 from hilight.config import (
     AlignConfig,
     AlignDataConfig,
@@ -40,7 +41,6 @@ from hilight.config import (
     load_yaml,
     to_dict,
 )
-from hilight.checkpoint import CARD_FILE
 from hilight.errors import ConfigError, HiLightError
 from hilight.recipes.billiards_small.facts import MINED_FACTS, TOWER_FACTS
 
