@@ -177,11 +177,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_frames(args: argparse.Namespace) -> int:
     """Contact sheet of the frames the model would see."""
-    from hilight.config import VideoInputConfig
+    from dataclasses import replace
+
+    from hilight.checkpoint import read_config
     from hilight.video import contact_sheet
 
-    cfg = VideoInputConfig(num_frames=args.num_frames, image_size=args.image_size, sampling=args.sampling,
-                           sample_fps=args.fps, resize=args.resize)
+    model = read_config(_model_path(args.model)).video  # the model's own sampling, unless asked otherwise
+    asked = {"num_frames": args.num_frames, "image_size": args.image_size, "sampling": args.sampling,
+             "sample_fps": args.fps, "resize": args.resize}
+    cfg = replace(model, **{k: v for k, v in asked.items() if v is not None})
     out = args.out or Path(f"{Path(args.video).stem}-frames.png")
     contact_sheet(args.video, cfg).save(out)
     print(out)
@@ -586,13 +590,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("frames", cmd_frames, "contact sheet (PNG) of the frames sampled from a video")
     p.add_argument("video", help="a video or image file")
     p.add_argument("--out", type=Path, help="output PNG (default: VIDEO-frames.png here)")
-    p.add_argument("--num-frames", type=int, default=12, help="frames to sample")
-    p.add_argument("--image-size", type=int, default=224, help="side of each frame, pixels")
-    p.add_argument("--sampling", choices=["uniform", "midpoint", "fps"], default="uniform",
-                   help="uniform over the clip, the middle of equal segments, or at --fps")
-    p.add_argument("--fps", type=float, default=2.0, help="frames per second for --sampling fps")
-    p.add_argument("--resize", choices=["squash", "center_crop"], default="squash",
-                   help="squash to a square, or keep the aspect ratio and crop the centre")
+    p.add_argument("--model", help="the checkpoint or model name whose sampling is shown (default: the bundled "
+                                   "billiards-small); the options below change it")
+    p.add_argument("--num-frames", type=int, help="frames to sample (default: the model's)")
+    p.add_argument("--image-size", type=int, help="side of each frame, pixels (default: the model's)")
+    p.add_argument("--sampling", choices=["uniform", "midpoint", "fps"],
+                   help="uniform over the clip, the middle of equal segments, or at --fps (default: the model's)")
+    p.add_argument("--fps", type=float, help="frames per second for --sampling fps (default: the model's)")
+    p.add_argument("--resize", choices=["squash", "center_crop"],
+                   help="squash to a square, or keep the aspect ratio and crop the centre (default: the model's)")
 
     p = command("info", cmd_info, "parameter counts of a preset, or what a checkpoint holds")
     p.add_argument("path", nargs="?", help="a checkpoint directory or a model name (billiards-small)")

@@ -45,9 +45,12 @@ class VideoURL(BaseModel):
 
 
 class Part(BaseModel):
-    type: Literal["text", "video_url"]
+    """OpenAI content parts; an ``image_url`` (a still image) is read as a one-frame clip."""
+
+    type: Literal["text", "video_url", "image_url"]
     text: str | None = None
     video_url: VideoURL | None = None
+    image_url: VideoURL | None = None
 
 
 class ChatMessage(BaseModel):
@@ -177,12 +180,13 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             for part in parts:
                 if part.type == "text":
                     text.append((part.text or "").replace(VIDEO_TOKEN, ""))  # no smuggled markers
-                elif part.video_url is None:
-                    raise APIError(400, "a video_url part needs a video_url object")
                 else:
+                    media = part.video_url if part.type == "video_url" else part.image_url
+                    if media is None:
+                        raise APIError(400, f"a {part.type} part needs a {part.type} object")
                     if m.role != "user":
-                        raise APIError(400, "videos may only appear in user messages")
-                    videos.append(video_file(part.video_url.url, workdir))
+                        raise APIError(400, "videos and images may only appear in user messages")
+                    videos.append(video_file(media.url, workdir))
                     text.append(f"{VIDEO_TOKEN}\n")
             content = "".join(text).strip()
             if m.role == "system":

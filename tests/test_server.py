@@ -156,3 +156,14 @@ def test_usage_counts_generated_tokens(served):
     reply = _ask(served["client"], "What happens?", served["clips"][:1])
     assert 0 < reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 16
     assert reply.usage.prompt_tokens_details.cached_tokens == 0  # each request is a fresh conversation
+
+
+def test_an_image_url_part_is_a_one_frame_clip(served, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "table.png"
+    Image.new("RGB", (64, 48), (20, 120, 40)).save(image)
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    reply = served["client"].chat.completions.create(model="tiny-test", max_tokens=6, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
+    assert reply.choices[0].message.content == _expected(served["engine"], "What is this?", [image], 6)

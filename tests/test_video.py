@@ -286,9 +286,16 @@ def test_decoding_is_bounded_in_time(corpus):
 def test_frames_command_writes_a_contact_sheet(corpus, tmp_path, capsys):
     _, files = corpus
     out = tmp_path / "sheet.png"
-    assert main(["frames", str(files["vp9.webm"]), "--out", str(out), "--num-frames", "8"]) == 0
+    assert main(["frames", str(files["vp9.webm"]), "--out", str(out), "--num-frames", "8", "--image-size", "224"]) == 0
     sheet = Image.open(out)
     assert sheet.width > 4 * 224 and sheet.height > 2 * 224
+    # without options: exactly what the (bundled) model sees
+    from hilight.checkpoint import BUNDLED_MODEL, read_config
+    from hilight.video import contact_sheet
+
+    assert main(["frames", str(files["vp9.webm"]), "--out", str(out)]) == 0
+    expected = contact_sheet(files["vp9.webm"], read_config(BUNDLED_MODEL).video)
+    assert Image.open(out).size == expected.size and list(Image.open(out).getdata()) == list(expected.getdata())
 
 
 def test_frames_command_reports_bad_files_in_one_line(tmp_path, capsys):
