@@ -141,11 +141,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise ConversionError(f"--from {fmt} given twice")
         paths[key] = Path(path)
     sources = Sources(**paths)
+    if args.base:  # only the given components change; the rest is the base checkpoint's
+        from hilight.checkpoint import load_checkpoint
+        from hilight.convert import replace_components
+
+        model, tokenizer = load_checkpoint(_model_path(str(args.base)), dtype=torch_dtype(args.dtype))
+        save_checkpoint(replace_components(model, sources), args.out, tokenizer)
+        print(f"wrote {args.out}: {args.base} with {', '.join(fmt for fmt, _ in args.sources)} replaced")
+        return 0
     tokenizer_dir = args.tokenizer or sources.gemma or sources.hilight_merged
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
         raise ConversionError(f"{tokenizer_dir or 'no directory'}: no tokenizer files; give --tokenizer DIR")
+    import yaml
+
     base = apply_overrides(preset(args.preset), args.set or [])
-    model = assemble(sources, base, frozenset(args.init or ()), torch_dtype(args.dtype))
+    explicit = {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set or [])}
+    model = assemble(sources, base, frozenset(args.init or ()), torch_dtype(args.dtype), explicit=explicit,
+                     clipvip_config=args.clipvip_config)
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > model.config.llm.vocab_size:
         raise ConversionError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens, the LLM only "
@@ -616,9 +628,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("convert", cmd_convert, "assemble a HiLight checkpoint from original-format weights")
     p.add_argument("--from", dest="sources", nargs=2, action="append", metavar=("FORMAT", "PATH"),
                    help=f"a source and its format, repeatable; FORMAT is one of {', '.join(SOURCE_FORMATS)}")
+    p.add_argument("--base", type=Path,
+                   help="a HiLight checkpoint whose other components are kept: convert one component alone, e.g. "
+                        "--from token-mining tokenmining.bin --base CONVERTED")
+    p.add_argument("--clipvip-config", type=Path,
+                   help="the CLIP-ViP vision config JSON (clipvip-vision_config.json): its attention heads")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the Gemma / merged directory)")
-    p.add_argument("--preset", default="hilight-2b", choices=sorted(PRESETS), help="tower and TokenMining sizes")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--preset", default="hilight-2b", choices=sorted(PRESETS),
+                   help="what no file records (frames per video, epsilons); every size a file records is read "
+                        "from it")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides; one that contradicts a file is an error")
     p.add_argument("--init", nargs="*", choices=["token_mining"], help="initialise these parts fresh")
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES, help="dtype of the written weights")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,8 +26,8 @@ from pathlib import Path
 import torch
 
 from hilight.checkpoint import TIED_KEY, build_empty, load_state_strict, tie_llm_embeddings, tied_keys
-from hilight.config import SOURCE_FORMATS, HiLightConfig, llm_config_from_hf
-from hilight.errors import ConversionError
+from hilight.config import SOURCE_FORMATS, HiLightConfig, from_dict, llm_config_from_hf, to_dict
+from hilight.errors import ConfigError, ConversionError
 from hilight.model import HiLight
 from hilight.model.clip_vip import CLIPViPVideoTower
 from hilight.model.long_clip import LongCLIPImageTower
@@ -193,15 +194,85 @@ def read_source(fmt: str, path: Path) -> tuple[dict[str, torch.Tensor], dict | N
     return map_keys(torch_state_file(path), fmt, str(path)), None
 
 
+def _count_layers(state: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def recorded_sizes(component: str, state: dict[str, torch.Tensor], clipvip_config: dict | None = None
+                   ) -> dict[str, int | bool]:
+    """The config values (dotted names) that one component's mapped tensors record, so that
+    nothing about its sizes is guessed. Attention heads are not in any tensor: CLIP-ViP's come
+    from its vision config JSON when given; Long-CLIP's are ``width // 64``, as the original's
+    ``build_model`` derives them (toy widths under 64 keep the preset's)."""
+    if component == "video_tower":
+        v = "video_tower."
+        patch = state[v + "embeddings.patch_embedding.weight"]  # [D, 3, P, P]
+        positions = state[v + "embeddings.position_embedding.weight"].shape[0] - 1
+        sizes = {"hidden_size": patch.shape[0], "patch_size": patch.shape[-1],
+                 "image_size": math.isqrt(positions) * patch.shape[-1],
+                 "num_layers": _count_layers(state, v + "encoder.layers."),
+                 "intermediate_size": state[v + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+                 "projection_dim": state[v + "visual_projection.weight"].shape[0],
+                 "temporal_size": state[v + "embeddings.temporal_embedding"].shape[1],
+                 "add_cls_num": state[v + "embeddings.added_cls"].shape[0]}
+        vision = (clipvip_config or {}).get("vision_config", clipvip_config or {})
+        if "num_attention_heads" in vision:
+            sizes["num_heads"] = int(vision["num_attention_heads"])
+        return {f"video_tower.{k}": val for k, val in sizes.items()}
+    if component == "image_tower":
+        i = "image_tower."
+        conv = state[i + "conv1.weight"]  # [W, 3, P, P]
+        positions = state[i + "positional_embedding"].shape[0] - 1
+        width = conv.shape[0]
+        sizes = {"width": width, "patch_size": conv.shape[-1], "image_size": math.isqrt(positions) * conv.shape[-1],
+                 "num_layers": _count_layers(state, i + "transformer.resblocks."),
+                 "intermediate_size": state[i + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                 "output_dim": state[i + "proj"].shape[1]}
+        if width >= 64:
+            sizes["num_heads"] = width // 64
+        return {f"image_tower.{k}": val for k, val in sizes.items()}
+    if component == "token_mining":
+        t = "token_mining."
+        return {"token_mining.video_dim": state[t + "CLIP_VIP_projector.0.weight"].shape[1],
+                "token_mining.image_dim": state[t + "query_projector.1.weight"].shape[0],
+                "token_mining.llm_dim": state[t + "tokenizer_projector.1.weight"].shape[0],
+                "token_mining.queries_per_frame": state[t + "LongCLIP_projector.0.weight"].shape[0],
+                "token_mining.slot_queries": t + "slot_queries" in state}
+    raise ValueError(f"no recorded sizes for {component}")
+
+
+def _with(config: HiLightConfig, values: dict, where: str) -> HiLightConfig:
+    """``config`` with dotted ``values`` set (the dimension cross-checks run again)."""
+    data = to_dict(config)
+    for key, value in values.items():
+        section, name = key.split(".")
+        data[section][name] = value
+    try:
+        return from_dict(HiLightConfig, data)
+    except ConfigError as exc:
+        raise ConversionError(f"{where}: {exc}") from None
+
+
 def assemble(
-    sources: Sources, base: HiLightConfig, init: frozenset[str] = frozenset(), dtype: torch.dtype = torch.float32
+    sources: Sources, base: HiLightConfig, init: frozenset[str] = frozenset(), dtype: torch.dtype = torch.float32,
+    explicit: dict | None = None, clipvip_config: Path | None = None,
 ) -> HiLight:
     """Build a complete HiLight from original checkpoints.
 
-    ``base`` supplies tower and TokenMining sizes; the LLM's sizes come from the Gemma /
-    merged directory's ``config.json``. Components named in ``init`` (``token_mining``) are
-    freshly initialised instead of loaded, for starting stage-1 training.
+    Every size the files record is read from them (:func:`recorded_sizes`; the LLM's from the
+    Gemma / merged directory's ``config.json``); ``base`` supplies only what no file records
+    (frame count, epsilons, CLIP-ViP heads without ``clipvip_config``). ``explicit`` (the user's
+    ``--set`` values) may not contradict a file. Components named in ``init``
+    (``token_mining``) are freshly initialised instead of loaded, for starting stage-1 training.
     """
+    explicit = explicit or {}
+    vision_json = None
+    if clipvip_config is not None:
+        try:
+            vision_json = json.loads(Path(clipvip_config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"{clipvip_config}: cannot read the CLIP-ViP config JSON ({exc})") from None
     state: dict[str, torch.Tensor] = {}
     llm_dir = sources.hilight_merged or sources.gemma
     if sources.hilight_merged and sources.gemma:
@@ -210,19 +281,44 @@ def assemble(
         raise ConversionError("the LLM is missing: give a hilight-merged or a gemma directory")
     fmt = "hilight-merged" if sources.hilight_merged else "gemma"
     llm_state, hf_config = read_source(fmt, llm_dir)
-    config = replace(base, llm=llm_config_from_hf(hf_config))  # __post_init__ re-checks the dims
+    llm = llm_config_from_hf(hf_config)
     has_tm = any(k.startswith("token_mining.") for k in llm_state)
     if has_tm and (sources.token_mining or "token_mining" in init):
         raise ConversionError(f"{llm_dir} already holds TokenMining; do not give it again")
     state.update(llm_state)
+
+    given = {"video_tower": sources.clipvip, "image_tower": sources.longclip, "token_mining": sources.token_mining}
+    formats = {"video_tower": "clipvip", "image_tower": "longclip", "token_mining": "token-mining"}
+    loaded: dict[str, tuple[dict[str, torch.Tensor], Path]] = {}
+    for component, path in given.items():
+        if path is not None and component not in init:
+            loaded[component] = (read_source(formats[component], path)[0], path)
+    if has_tm:
+        loaded["token_mining"] = ({k: v for k, v in llm_state.items() if k.startswith("token_mining.")}, llm_dir)
+    recorded: dict[str, tuple[int | bool, Path]] = {f"llm.{k}": (v, llm_dir) for k, v in vars(llm).items()}
+    for component, (component_state, path) in loaded.items():
+        try:
+            found = recorded_sizes(component, component_state, vision_json if component == "video_tower" else None)
+        except KeyError as exc:
+            raise ConversionError(f"{path}: lacks {exc.args[0]}, which its sizes are read from") from None
+        recorded.update({k: (v, path) for k, v in found.items()})
+    for key, value in explicit.items():
+        if key in recorded and recorded[key][0] != value:
+            raise ConversionError(f"--set {key}={value} contradicts {recorded[key][1]}, which records {recorded[key][0]}")
+    values = {k: v for k, (v, _) in recorded.items()}
+    # what TokenMining and the frames must agree with, when no file of theirs says
+    tower_sizes = {"token_mining.video_dim": values.get("video_tower.hidden_size"),
+                   "token_mining.image_dim": values.get("image_tower.output_dim"),
+                   "token_mining.llm_dim": llm.hidden_size, "video.image_size": values.get("video_tower.image_size")}
+    values.update({k: v for k, v in tower_sizes.items() if v is not None and k not in values})
+    config = _with(replace(base, llm=llm), {k: v for k, v in values.items() if not k.startswith("llm.")},
+                   "the source files' sizes")
 
     fresh = {
         "video_tower": lambda: CLIPViPVideoTower(config.video_tower),
         "image_tower": lambda: LongCLIPImageTower(config.image_tower),
         "token_mining": lambda: TokenMining(config.token_mining),
     }
-    given = {"video_tower": sources.clipvip, "image_tower": sources.longclip, "token_mining": sources.token_mining}
-    formats = {"video_tower": "clipvip", "image_tower": "longclip", "token_mining": "token-mining"}
     for component, path in given.items():
         if component == "token_mining" and has_tm:
             continue
@@ -235,7 +331,7 @@ def assemble(
             raise ConversionError(f"{component} is missing: give --from {formats[component]} PATH"
                                   + (" or --init token_mining" if component == "token_mining" else ""))
         else:
-            state.update(read_source(formats[component], path)[0])
+            state.update(loaded[component][0])
 
     if config.llm.tie_word_embeddings and TIED_KEY in state:
         head = state.pop(TIED_KEY)
@@ -246,3 +342,35 @@ def assemble(
     load_state_strict(model, state, tied=tied_keys(config), where="assembled checkpoint")
     tie_llm_embeddings(model)
     return model.eval()
+
+
+def replace_components(model: HiLight, sources: Sources) -> HiLight:
+    """``model`` (a HiLight checkpoint, e.g. one assembled before) with the components that
+    ``sources`` give replaced, e.g. a stage-1 ``tokenmining.bin`` to continue training from.
+    Each given file's recorded sizes must be the model's."""
+    given = {"video_tower": (sources.clipvip, "clipvip"), "image_tower": (sources.longclip, "longclip"),
+             "token_mining": (sources.token_mining, "token-mining")}
+    if sources.gemma or sources.hilight_merged:
+        raise ConversionError("with a base checkpoint, give only clipvip, longclip or token-mining files")
+    state = model.state_dict()
+    dtype = next(model.parameters()).dtype  # the replaced weights take the base's dtype
+    replaced = 0
+    for component, (path, fmt) in given.items():
+        if path is None:
+            continue
+        new = read_source(fmt, path)[0]
+        for key, value in recorded_sizes(component, new).items():
+            section, name = key.split(".")
+            have = getattr(getattr(model.config, section), name)
+            if have != value:
+                raise ConversionError(f"{path}: records {key}={value}, the base checkpoint has {have}")
+        new = {k: v.to(dtype) if v.is_floating_point() else v for k, v in new.items()}
+        state = {k: v for k, v in state.items() if not k.startswith(f"{component}.")} | new
+        replaced += 1
+    if not replaced:
+        raise ConversionError("with a base checkpoint, give at least one --from clipvip / longclip / token-mining")
+    state.pop(TIED_KEY, None)
+    load_state_strict(model, state, tied=tied_keys(model.config), where="base checkpoint with replaced components")
+    tie_llm_embeddings(model)
+    return model
+

@@ -1,5 +1,6 @@
 import json
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -166,3 +167,62 @@ def test_cli_convert_error_is_one_line(tmp_path, capsys):
 
 def _tiny_overrides(config):
     return [f"llm.vocab_size={config.llm.vocab_size}"]
+
+
+def test_sizes_are_read_from_the_files_and_a_contradiction_is_an_error(tmp_path, tokenizer):
+    """Towers and TokenMining at sizes no preset has: nothing is guessed. Long-CLIP's heads are
+    width // 64, as the original derives them; CLIP-ViP's come from its vision config JSON."""
+    from dataclasses import replace
+
+    from hilight.config import ImageTowerConfig, TokenMiningConfig, VideoTowerConfig, tiny_config
+
+    base = tiny_config(len(tokenizer))
+    video = VideoTowerConfig(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96, image_size=48,
+                             patch_size=16, temporal_size=5, add_cls_num=2, projection_dim=20)
+    image = ImageTowerConfig(width=128, num_layers=1, num_heads=2, intermediate_size=80, image_size=48, patch_size=16,
+                             output_dim=40)
+    real = replace(base, video_tower=video, image_tower=replace(image, num_heads=128 // 64),
+                   token_mining=TokenMiningConfig(video_dim=64, image_dim=40, llm_dim=base.llm.hidden_size,
+                                                  queries_per_frame=3),
+                   video=replace(base.video, image_size=48))
+    torch.save(synthetic.clipvip_state(video, seed=1), tmp_path / "clipvip.pt")
+    torch.save(synthetic.longclip_state(image, seed=2), tmp_path / "longclip.pt")
+    torch.save(synthetic.token_mining_state(real.token_mining, seed=3), tmp_path / "tm.pt")
+    synthetic.write_gemma_dir(tmp_path / "gemma", base, tokenizer, seed=4)
+    (tmp_path / "vision.json").write_text(json.dumps({"vision_config": {"num_attention_heads": 4}}))
+    sources = Sources(clipvip=tmp_path / "clipvip.pt", longclip=tmp_path / "longclip.pt",
+                      token_mining=tmp_path / "tm.pt", gemma=tmp_path / "gemma")
+    model = assemble(sources, base, clipvip_config=tmp_path / "vision.json")  # the tiny preset: other sizes
+    assert model.config == real
+    with torch.no_grad():  # the heads were right: the towers compute what the originals do
+        pixels = torch.randn(1, 4, 3, 48, 48)
+        torch.testing.assert_close(model.image_tower(pixels), reference.longclip_forward(
+            synthetic.longclip_state(image, seed=2), pixels, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConversionError, match=r"--set image_tower.num_heads=4 contradicts .*longclip.pt, which records 2"):
+        assemble(sources, base, explicit={"image_tower.num_heads": 4}, clipvip_config=tmp_path / "vision.json")
+    with pytest.raises(ConversionError, match=r"--set token_mining.llm_dim=32 contradicts .*tm.pt, which records 64"):
+        assemble(sources, base, explicit={"token_mining.llm_dim": 32})
+
+
+def test_one_component_alone_replaces_it_in_a_base_checkpoint(tmp_path, originals, config, capsys):
+    """A stage-1 TokenMining (.bin) seeds stage 2: the base checkpoint's other weights stay."""
+    paths, src = originals
+    base = tmp_path / "base"
+    assert main(["convert", "--from", "clipvip", str(paths["clipvip"]), "--from", "longclip", str(paths["longclip"]),
+                 "--init", "token_mining", "--from", "gemma", str(paths["gemma"]), "--preset", "tiny",
+                 "--set", *_tiny_overrides(config), "--out", str(base)]) == 0
+    out = tmp_path / "seeded"
+    assert main(["convert", "--from", "token-mining", str(paths["tm_bin"]), "--base", str(base), "--out", str(out)]) == 0
+    seeded, _ = load_checkpoint(out)
+    before, _ = load_checkpoint(base)
+    for name, value in seeded.state_dict().items():
+        if name.startswith("token_mining."):
+            torch.testing.assert_close(value, src["tm"][name.removeprefix("token_mining.")].half().float())
+        else:
+            assert torch.equal(value, before.state_dict()[name]), name
+    wrong = synthetic.token_mining_state(replace(config.token_mining, queries_per_frame=7), seed=1)
+    torch.save(wrong, tmp_path / "other.pt")
+    capsys.readouterr()
+    assert main(["convert", "--from", "token-mining", str(tmp_path / "other.pt"), "--base", str(base),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "records token_mining.queries_per_frame=7, the base checkpoint has 4" in capsys.readouterr().err
