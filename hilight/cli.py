@@ -141,6 +141,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise ConversionError(f"--from {fmt} given twice")
         paths[key] = Path(path)
     sources = Sources(**paths)
+    clipvip_config = args.clipvip_config
+    if args.original:
+        from dataclasses import replace
+
+        from hilight.convert import original_layout
+
+        layout, layout_config = original_layout(args.original, args.run)
+        # a --from given as well takes the place of the layout's file
+        sources = replace(layout, **{k: v for k, v in paths.items() if v is not None})
+        clipvip_config = clipvip_config or layout_config
+    elif args.run:
+        raise ConversionError("--run names a merged directory of --original ROOT")
     if args.base:  # only the given components change; the rest is the base checkpoint's
         from hilight.checkpoint import load_checkpoint
         from hilight.convert import replace_components
@@ -149,7 +161,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         save_checkpoint(replace_components(model, sources), args.out, tokenizer)
         print(f"wrote {args.out}: {args.base} with {', '.join(fmt for fmt, _ in args.sources)} replaced")
         return 0
-    tokenizer_dir = args.tokenizer or sources.gemma or sources.hilight_merged
+    tokenizer_dir = args.tokenizer or sources.tokenizer or sources.gemma or sources.hilight_merged
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
         raise ConversionError(f"{tokenizer_dir or 'no directory'}: no tokenizer files; give --tokenizer DIR")
     import yaml
@@ -157,7 +169,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     base = apply_overrides(preset(args.preset), args.set or [])
     explicit = {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set or [])}
     model = assemble(sources, base, frozenset(args.init or ()), torch_dtype(args.dtype), explicit=explicit,
-                     clipvip_config=args.clipvip_config)
+                     clipvip_config=clipvip_config)
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > model.config.llm.vocab_size:
         raise ConversionError(f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens, the LLM only "
@@ -628,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("convert", cmd_convert, "assemble a HiLight checkpoint from original-format weights")
     p.add_argument("--from", dest="sources", nargs=2, action="append", metavar=("FORMAT", "PATH"),
                    help=f"a source and its format, repeatable; FORMAT is one of {', '.join(SOURCE_FORMATS)}")
+    p.add_argument("--original", type=Path, metavar="ROOT",
+                   help="an original checkout's model_zoo/ + work_dirs/ layout: every file from its place")
+    p.add_argument("--run", help="with --original: the merged directory (a path or a name under work_dirs/; "
+                                 "default: the only *Merge* one)")
     p.add_argument("--base", type=Path,
                    help="a HiLight checkpoint whose other components are kept: convert one component alone, e.g. "
                         "--from token-mining tokenmining.bin --base CONVERTED")

@@ -374,3 +374,37 @@ def replace_components(model: HiLight, sources: Sources) -> HiLight:
     tie_llm_embeddings(model)
     return model
 
+
+# where the original repository keeps each file (its README and scripts, CWD-relative)
+ORIGINAL_LAYOUT = {"clipvip": "model_zoo/CLIP-ViP/pretrain_clipvip_base_16.pt",
+                   "clipvip_config": "model_zoo/CLIP-ViP/clipvip-vision_config.json",
+                   "longclip": "model_zoo/Long-CLIP/longclip-B.pt", "tokenizer": "model_zoo/LLM/gemma/tokenizer"}
+RUN_FOLDERS = ("work_dirs", "work_dir")  # the README says one, the scripts the other
+
+
+def original_layout(root: Path, run: str | None) -> tuple[Sources, Path | None]:
+    """The sources of an original checkout's ``model_zoo/`` + ``work_dirs/`` layout: the towers
+    and tokenizer at their fixed places, the released merged directory ``run`` (a path, or a
+    name under ``work_dirs/``; without one, the only ``*Merge*`` directory there). Returns the
+    sources and the CLIP-ViP vision config (None where the checkout has none)."""
+    root = Path(root)
+    paths = {k: root / v for k, v in ORIGINAL_LAYOUT.items()}
+    for key in ("clipvip", "longclip", "tokenizer"):
+        if not paths[key].exists():
+            raise ConversionError(f"{root}: no {ORIGINAL_LAYOUT[key]} (the original layout)")
+    if run is not None:
+        candidates = [Path(run), *(root / folder / run for folder in RUN_FOLDERS)]
+        merged = next((p for p in candidates if (p / "config.json").is_file()), None)
+        if merged is None:
+            raise ConversionError(f"{run}: no such merged directory (looked in {', '.join(RUN_FOLDERS)} too)")
+    else:
+        found = sorted(p.parent for folder in RUN_FOLDERS for p in (root / folder).glob("*Merge*/config.json"))
+        if len(found) != 1:
+            listed = ", ".join(p.name for p in found) or "none"
+            raise ConversionError(f"{root}: {len(found)} merged directories under {' or '.join(RUN_FOLDERS)} "
+                                  f"({listed}); name one with --run")
+        merged = found[0]
+    sources = Sources(clipvip=paths["clipvip"], longclip=paths["longclip"], hilight_merged=merged,
+                      tokenizer=paths["tokenizer"])
+    return sources, paths["clipvip_config"] if paths["clipvip_config"].is_file() else None
+

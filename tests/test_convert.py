@@ -226,3 +226,31 @@ def test_one_component_alone_replaces_it_in_a_base_checkpoint(tmp_path, original
     assert main(["convert", "--from", "token-mining", str(tmp_path / "other.pt"), "--base", str(base),
                  "--out", str(tmp_path / "x")]) == 2
     assert "records token_mining.queries_per_frame=7, the base checkpoint has 4" in capsys.readouterr().err
+
+
+def test_the_original_layout_converts_with_one_command(tmp_path, originals, config, tokenizer, capsys):
+    paths, src = originals
+    root = tmp_path / "HiLight"
+    (root / "model_zoo" / "CLIP-ViP").mkdir(parents=True)
+    (root / "model_zoo" / "Long-CLIP").mkdir(parents=True)
+    paths["clipvip"].rename(root / "model_zoo" / "CLIP-ViP" / "pretrain_clipvip_base_16.pt")
+    paths["longclip"].rename(root / "model_zoo" / "Long-CLIP" / "longclip-B.pt")
+    heads = config.video_tower.num_heads
+    (root / "model_zoo" / "CLIP-ViP" / "clipvip-vision_config.json").write_text(
+        json.dumps({"vision_config": {"num_attention_heads": heads}}))
+    tokenizer.save_pretrained(root / "model_zoo" / "LLM" / "gemma" / "tokenizer")
+    gemma, tm = synthetic.write_merged_dir(root / "work_dirs" / "HiLight-2B-LoRA-Merge-stage2-VT1K-2epoch", config,
+                                           seed=7)
+    out = tmp_path / "converted"
+    assert main(["convert", "--original", str(root), "--preset", "tiny", "--set", *_tiny_overrides(config),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    model, _ = load_checkpoint(out)
+    _check_components(model, src, config, tm)
+    torch.testing.assert_close(_llm_logits(model.llm), _llm_logits(gemma), atol=1e-5, rtol=1e-5)
+    # two runs: the command asks which
+    synthetic.write_merged_dir(root / "work_dirs" / "HiLight-2B-LoRA-Merge-stage2-M101K-2epoch", config, seed=8)
+    capsys.readouterr()
+    assert main(["convert", "--original", str(root), "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
+    assert "2 merged directories under work_dirs or work_dir" in capsys.readouterr().err
+    assert main(["convert", "--original", str(root), "--run", "HiLight-2B-LoRA-Merge-stage2-M101K-2epoch",
+                 "--preset", "tiny", "--set", *_tiny_overrides(config), "--out", str(tmp_path / "m101k")]) == 0
