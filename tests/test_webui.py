@@ -102,15 +102,12 @@ def test_uploads_are_kept_once_and_removed_with_the_session(tmp_path, tokenizer)
     assert not sessions.root.exists()
 
 
-def test_in_a_real_headless_browser(ui):
-    """Chromium (Debian's chromium + chromium-driver) drives the page: upload, ask, see the answer."""
+@pytest.fixture
+def browser():
+    """Chromium (Debian's chromium + chromium-driver), headless."""
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("needs chromium and chromium-driver (scripts/test.sh installs them when run as root)")
     webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -118,26 +115,63 @@ def test_in_a_real_headless_browser(ui):
                  "--window-size=1400,1000"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
-    try:
-        wait = WebDriverWait(driver, 60)
-        driver.get(ui["url"])
-        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
-        upload.send_keys(str(ui["clip"]))
-        box = wait.until(ec.element_to_be_clickable((By.XPATH, "//label[contains(., 'pool-shot.mp4')]//input")))
-        wait.until(lambda d: box.is_selected())  # a new upload is ticked for the next message
-        driver.find_element(By.CSS_SELECTOR, "textarea").send_keys("What happens here?")
-        driver.find_element(By.XPATH, "//button[normalize-space()='send']").click()
-        wait.until(lambda d: "1 turn(s)" in d.page_source)
-        expected = _expected(ui["root"], ui["clip"], "What happens here?", 128)  # the page's default
-        bubbles = driver.find_elements(By.CSS_SELECTOR, "[data-testid=bot]")
-        # the random-weight model emits odd characters that the page renders its own way: compare letters
-        letters = [c for c in expected if c.isascii() and c.isalpha()][:12]
-        assert bubbles and [c for c in bubbles[-1].text if c.isascii() and c.isalpha()][:12] == letters
-        if os.environ.get("HILIGHT_SCREENSHOT"):  # scripts/browser-test.sh refreshes the README's picture
-            driver.save_screenshot(os.path.join(ROOT, "docs", "webui.png"))
-        else:
-            driver.save_screenshot(str(ui["root"] / "webui.png"))
-        assert (ui["root"] / "webui.png").exists() or os.environ.get("HILIGHT_SCREENSHOT")
-    finally:
-        driver.quit()
-        time.sleep(0.1)
+    yield driver
+    driver.quit()
+    time.sleep(0.1)
+
+
+def test_sending_while_the_upload_is_checked_answers_or_says_why_within_seconds(ui, browser):
+    """The race seen before: send pressed while an upload is still being checked. Now the page
+    has one session from the start and events run in order: the answer (or a clear error)
+    comes within seconds, and the chat goes on."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(ui["url"])
+    upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+    browser.find_element(By.CSS_SELECTOR, "textarea").send_keys("What happens here?")
+    upload.send_keys(str(ui["clip"]))
+    browser.find_element(By.XPATH, "//button[normalize-space()='send']").click()  # at once, not waiting
+    start = time.perf_counter()
+    WebDriverWait(browser, 30).until(lambda d: "turn(s)" in d.page_source or "error:" in d.page_source)
+    assert time.perf_counter() - start < 30
+    assert "KeyError" not in browser.page_source
+    # whichever came first, the session holds the upload and the next question is answered with it
+    box = wait.until(ec.presence_of_element_located((By.XPATH, "//label[contains(., 'pool-shot.mp4')]//input")))
+    if not box.is_selected():
+        box.click()
+    text = browser.find_element(By.CSS_SELECTOR, "textarea")
+    text.clear()
+    text.send_keys("And now?")
+    browser.find_element(By.XPATH, "//button[normalize-space()='send']").click()
+    wait.until(lambda d: "turn(s)" in d.page_source and "answering" not in d.page_source)
+
+
+def test_in_a_real_headless_browser(ui, browser):
+    """Chromium drives the page: upload, ask, see the answer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    wait = WebDriverWait(driver, 60)
+    driver.get(ui["url"])
+    upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+    upload.send_keys(str(ui["clip"]))
+    box = wait.until(ec.element_to_be_clickable((By.XPATH, "//label[contains(., 'pool-shot.mp4')]//input")))
+    wait.until(lambda d: box.is_selected())  # a new upload is ticked for the next message
+    driver.find_element(By.CSS_SELECTOR, "textarea").send_keys("What happens here?")
+    driver.find_element(By.XPATH, "//button[normalize-space()='send']").click()
+    wait.until(lambda d: "1 turn(s)" in d.page_source)
+    expected = _expected(ui["root"], ui["clip"], "What happens here?", 128)  # the page's default
+    bubbles = driver.find_elements(By.CSS_SELECTOR, "[data-testid=bot]")
+    # the random-weight model emits odd characters that the page renders its own way: compare letters
+    letters = [c for c in expected if c.isascii() and c.isalpha()][:12]
+    assert bubbles and [c for c in bubbles[-1].text if c.isascii() and c.isalpha()][:12] == letters
+    if os.environ.get("HILIGHT_SCREENSHOT"):  # scripts/browser-test.sh refreshes the README's picture
+        driver.save_screenshot(os.path.join(ROOT, "docs", "webui.png"))
+    else:
+        driver.save_screenshot(str(ui["root"] / "webui.png"))
+    assert (ui["root"] / "webui.png").exists() or os.environ.get("HILIGHT_SCREENSHOT")
