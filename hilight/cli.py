@@ -449,10 +449,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = card.get("name") or path.name
     engine = _engine(args)
     app = create_app(engine, name, allowed_dir=args.allow_dir, max_video_bytes=args.max_video_mb << 20,
-                     max_concurrent=args.max_concurrent, queue_limit=args.queue, card=card)
+                     max_concurrent=args.max_concurrent, queue_limit=args.queue, card=card, max_batch=args.max_batch)
     _warn_if_exposed(args.host)
     print(f"HiLight API on http://{args.host}:{args.port}/v1 serving {name} ({path}); videos up to "
-          f"{args.max_video_mb} MB, {args.max_concurrent} generation(s) at once, {args.queue} waiting; "
+          f"{args.max_video_mb} MB, up to {args.max_batch} requests generated together, {args.queue} waiting; "
           f"file:// videos {'under ' + str(args.allow_dir) if args.allow_dir else 'off'}", flush=True)
     _note_domain(path)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -608,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(p, 8000)
     p.add_argument("--allow-dir", type=Path, help="allow file:// video URLs inside this directory")
     p.add_argument("--max-video-mb", type=int, default=64, help="largest accepted video, MB")
-    p.add_argument("--max-concurrent", type=int, default=1, help="generations at once")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests that wait together are generated together, up to this many (1: one at a time)")
+    p.add_argument("--max-concurrent", type=int, default=1, help="beam-search generations at once (never batched)")
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait; more get 503")
 
     p = command("frames", cmd_frames, "contact sheet (PNG) of the frames sampled from a video")

@@ -27,7 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.inference.batching import Batcher, Job
+from hilight.inference.engine import Conversation, Engine, GenerationSettings, place_videos, stream_reply
 from hilight.text import VIDEO_TOKEN, ConversationError, Message
 from hilight.video import VideoError
 
@@ -112,9 +113,11 @@ class Gate:
 
 def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_video_bytes: int = 64 << 20,
                max_request_bytes: int = 96 << 20, max_concurrent: int = 1, queue_limit: int = 32,
-               card: dict | None = None) -> FastAPI:
+               card: dict | None = None, max_batch: int = 8) -> FastAPI:
     """The API for ``engine``'s model, served as ``name``; ``card`` (the checkpoint's model card)
-    is shown by ``/v1/models``."""
+    is shown by ``/v1/models``. Requests that wait together are generated together, up to
+    ``max_batch`` at once (:class:`hilight.inference.batching.Batcher`; beam search runs alone,
+    ``max_concurrent`` at a time)."""
     app = FastAPI(title="HiLight", version="1")
     state: dict = {}
     settings_cap = 4096
@@ -207,7 +210,12 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
         settings = GenerationSettings.from_request(min(limit, settings_cap), req.temperature, req.top_p, req.top_k)
         workdir = Path(tempfile.mkdtemp(prefix="hilight-req-"))
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        gate: Gate = state.setdefault("gate", Gate(max_concurrent, queue_limit))
+        gate: Gate = state.setdefault("gate", Gate(max(max_concurrent, max_batch), queue_limit))
+        batcher: Batcher | None = None
+        if max_batch > 1 and settings.num_beams == 1:
+            if "batcher" not in state:
+                state["batcher"] = app.state.batcher = Batcher(engine, max_batch)
+            batcher = state["batcher"]
         try:
             if req.model is not None and req.model != name:
                 raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{name}`",
@@ -224,7 +232,27 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
         chunks: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
+        def report(exc: BaseException) -> APIError:
+            if isinstance(exc, VideoError):
+                # name the user's input, never the server's temp copy of a data: URL
+                where = "a video_url part (data: URL)" if Path(exc.path).parent == workdir else exc.path
+                return APIError(400, f"{where}: {exc.reason}")
+            if isinstance(exc, (ConversationError, ValueError)):
+                return APIError(400, str(exc))
+            log.error("generation failed: %r", exc)
+            return APIError(500, str(exc), "server_error")
+
+        def emit(kind: str, value) -> None:  # from the batcher's thread
+            if kind == "done":
+                usage.update(value)
+            item = (kind, report(value) if kind == "error" else value)
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+
         def produce() -> None:
+            if batcher is not None:
+                messages = [*conversation.messages, Message("user", place_videos(text, len(videos)))]
+                batcher.submit(Job(messages, [*conversation.videos, *videos], settings, emit, cancel))
+                return
             try:
                 for piece in stream_reply(engine, conversation, text, videos, settings, cancel, usage,
                                           allow_no_video=req.allow_no_video):
@@ -242,7 +270,12 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
 
         async def pieces():
             async with gate:
-                task = loop.run_in_executor(None, produce)
+                task = loop.run_in_executor(None, produce) if batcher is None else asyncio.sleep(0)
+                if batcher is not None:
+                    try:
+                        produce()
+                    except ConversationError as exc:
+                        emit("error", exc)
                 try:
                     while True:
                         kind, value = await chunks.get()

@@ -167,3 +167,37 @@ def test_an_image_url_part_is_a_one_frame_clip(served, tmp_path):
     reply = served["client"].chat.completions.create(model="tiny-test", max_tokens=6, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
     assert reply.choices[0].message.content == _expected(served["engine"], "What is this?", [image], 6)
+
+
+def test_waiting_requests_are_generated_together_with_the_same_answers(tokenizer, tmp_path):
+    """Eight requests at once: they run in batches (not one by one), each streams its own
+    answer, and every answer is the one-at-a-time greedy answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    talkative_checkpoint(tmp_path / "model", tokenizer, seed=5)
+    clips = [write_video(tmp_path / f"c{i}.mp4", moving_balls_clip(12, 64, seed=10 + i)) for i in range(4)]
+    engine = Engine.from_checkpoint(tmp_path / "model")
+    app = create_app(engine, "tiny-test", max_batch=8)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    questions = [(f"Question {i}: what happens?", [clips[i % 4]]) for i in range(8)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda q: _ask(client, q[0], q[1]).choices[0].message.content, questions))
+        stream = client.chat.completions.create(model="tiny-test", max_tokens=12, stream=True, messages=[
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": _data_url(clips[0])}},
+                                         {"type": "text", "text": "Question 0: what happens?"}]}])
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices).strip()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    single = Engine.from_checkpoint(tmp_path / "model")  # a fresh engine: nothing cached from the batches
+    expected = [_expected(single, q, c) for q, c in questions]
+    assert replies == expected and streamed == expected[0]
+    batches = app.state.batcher.batches
+    assert sum(batches) == 9 and max(batches) > 1, batches  # the eight did not run one by one

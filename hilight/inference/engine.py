@@ -186,6 +186,27 @@ class Engine:
             self._videos.popitem(last=False)
         return embeds
 
+    @torch.inference_mode()
+    def video_embeddings_many(self, paths: Sequence[str | Path]) -> torch.Tensor | None:
+        """TokenMining outputs [V, T*Q, D] of several videos; the ones not cached yet are decoded
+        and then encoded together, as one batch through the towers and TokenMining."""
+        if not paths:
+            return None
+        keys = [self.digest(p) for p in paths]
+        todo = {k: p for k, p in zip(keys, paths, strict=True) if k not in self._videos}
+        if todo:
+            pixels = torch.stack([load_video(p, self.model.config.video) for p in todo.values()]).to(self.device)
+            embeds = self.model.video_embeddings(self.model.encode_videos(pixels))  # [N, T*Q, D]
+            for key, row in zip(todo, embeds, strict=True):
+                self._videos[key] = row
+        rows = []
+        for key in keys:
+            self._videos.move_to_end(key)
+            rows.append(self._videos[key])
+        while len(self._videos) > max(self.cache_size, len(set(keys))):
+            self._videos.popitem(last=False)
+        return torch.stack(rows)
+
     def answer_batch(
         self, prompts: Sequence[tuple[Sequence[Message], Sequence[str | Path]]], settings: GenerationSettings | None = None
     ) -> list[str]:
