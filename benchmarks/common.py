@@ -10,6 +10,23 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
+def start_server(app) -> tuple[object, int]:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 (a free port) in a thread: (server, port)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, port
+
+
 def synchronize() -> None:
     """Wait for queued GPU work (a no-op without CUDA), so that a clock read after it is true."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

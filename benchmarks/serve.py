@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import socket
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import torch
-import uvicorn
+from common import start_server
 
 from hilight.checkpoint import BUNDLED_MODEL, save_checkpoint
 from hilight.config import billiards_small_config
@@ -59,13 +57,7 @@ def main() -> None:
     clip = write_video(work / "clip.mp4", frames, fps=truth.fps)
     engine = Engine.from_checkpoint(model_dir)
     app = create_app(engine, model_dir.name, queue_limit=16)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    server, port = start_server(app)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=600)
     url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import torch
-import uvicorn
+from common import start_server
 
 from hilight.checkpoint import default_model
 from hilight.inference.engine import Engine
@@ -32,13 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def serve(engine: Engine, max_batch: int):
     app = create_app(engine, "bench", max_batch=max_batch, queue_limit=128)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    server, port = start_server(app)
     return server, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=900)
 
 

@@ -317,12 +317,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def _count(group: str, n: int) -> str:
     """``7 missing files`` for the named groups, ``2 x <reason>`` for any other reason."""
-    from hilight.data import GROUP_NAMES
+    from hilight.data import GROUP_PLURALS
 
-    if group not in GROUP_NAMES:
+    if group not in GROUP_PLURALS:
         return f"{n} x {group}"
-    head, sep, rest = group.partition(" whose ")
-    return f"{n} {group if n == 1 else f'{head}s{sep}{rest}'}"
+    return f"{n} {group if n == 1 else GROUP_PLURALS[group]}"
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

@@ -257,16 +257,18 @@ def collate_samples(batch: list[tuple[Encoded, list]], pad_id: int) -> dict:
 # checking a dataset up front (`hilight data check`)
 
 # reasons a record is not usable, grouped under a name that counts ("7 missing files")
-_GROUPS = (("no such file", "missing file"), ("empty file", "empty file"), ("not a readable media file", "unreadable file"), ("exceed max_length", "over-long sample"),
-           ("marker", "record whose <video> markers do not match its videos"))
-
-
-GROUP_NAMES = frozenset(group for _, group in _GROUPS)
+# (words in the reason, the group's name, its plural)
+_GROUPS = (("no such file", "missing file", "missing files"), ("empty file", "empty file", "empty files"),
+           ("not a readable media file", "unreadable file", "unreadable files"),
+           ("exceed max_length", "over-long sample", "over-long samples"),
+           ("marker", "record whose <video> markers do not match its videos",
+            "records whose <video> markers do not match their videos"))
+GROUP_PLURALS = {group: plural for _, group, plural in _GROUPS}
 
 
 def reason_group(reason: str) -> str:
     """The group a bad record's reason belongs to (its own reason when no group fits)."""
-    return next((group for key, group in _GROUPS if key in reason), reason)
+    return next((group for key, group, _ in _GROUPS if key in reason), reason)
 
 
 def check_dataset(records: list[dict], video_dir: Path, chat: ChatTokenizer, max_length: int,

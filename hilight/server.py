@@ -270,8 +270,8 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
 
         async def pieces():
             async with gate:
-                task = loop.run_in_executor(None, produce) if batcher is None else asyncio.sleep(0)
-                if batcher is not None:
+                task = loop.run_in_executor(None, produce) if batcher is None else None
+                if batcher is not None:  # results arrive through emit(), from the batcher's thread
                     try:
                         produce()
                     except ConversationError as exc:
@@ -286,7 +286,8 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                         yield value
                 finally:
                     cancel.set()  # a client that went away frees the slot
-                    await task
+                    if task is not None:
+                        await task
                     _cleanup(workdir)
 
         if not req.stream:

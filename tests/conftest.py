@@ -41,6 +41,28 @@ def clips(config, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, v.num_frames, 3, v.image_size, v.image_size, generator=g)
 
 
+class LocalServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a thread, until ``stop()``."""
+
+    def __init__(self, app):
+        import threading
+        import time
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
 def free_port() -> int:
     import socket
 

@@ -1,18 +1,15 @@
 import base64
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from hilight.demo import moving_balls_clip
 from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
 from hilight.server import create_app
 from hilight.video import write_video
-from tests.conftest import free_port, talkative_checkpoint
+from tests.conftest import LocalServer, talkative_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +20,10 @@ def served(tmp_path_factory, tokenizer):
     engine = Engine.from_checkpoint(root / "model")
     app = create_app(engine, "tiny-test", allowed_dir=root, max_video_bytes=1 << 20, max_request_bytes=4 << 20,
                      queue_limit=24)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    yield {"client": client, "url": f"http://127.0.0.1:{port}", "clips": clips, "engine": engine, "root": root}
-    server.should_exit = True
-    thread.join(timeout=10)
+    server = LocalServer(app)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    yield {"client": client, "url": server.url, "clips": clips, "engine": engine, "root": root}
+    server.stop()
 
 
 def _data_url(path) -> str:
@@ -178,13 +169,8 @@ def test_waiting_requests_are_generated_together_with_the_same_answers(tokenizer
     clips = [write_video(tmp_path / f"c{i}.mp4", moving_balls_clip(12, 64, seed=10 + i)) for i in range(4)]
     engine = Engine.from_checkpoint(tmp_path / "model")
     app = create_app(engine, "tiny-test", max_batch=8)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    server = LocalServer(app)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     questions = [(f"Question {i}: what happens?", [clips[i % 4]]) for i in range(8)]
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -194,8 +180,7 @@ def test_waiting_requests_are_generated_together_with_the_same_answers(tokenizer
                                          {"type": "text", "text": "Question 0: what happens?"}]}])
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices).strip()
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop()
     single = Engine.from_checkpoint(tmp_path / "model")  # a fresh engine: nothing cached from the batches
     expected = [_expected(single, q, c) for q, c in questions]
     assert replies == expected and streamed == expected[0]

@@ -175,16 +175,7 @@ class Engine:
     @torch.inference_mode()
     def video_embeddings(self, path: str | Path) -> torch.Tensor:
         """TokenMining output [T*Q, D] for one video file (cached by content hash)."""
-        key = self.digest(path)
-        if key in self._videos:
-            self._videos.move_to_end(key)
-            return self._videos[key]
-        pixels = load_video(path, self.model.config.video).unsqueeze(0).to(self.device)
-        embeds = self.model.video_embeddings(self.model.encode_videos(pixels))[0]
-        self._videos[key] = embeds
-        if len(self._videos) > self.cache_size:
-            self._videos.popitem(last=False)
-        return embeds
+        return self.video_embeddings_many([path])[0]
 
     @torch.inference_mode()
     def video_embeddings_many(self, paths: Sequence[str | Path]) -> torch.Tensor | None:
