@@ -44,6 +44,8 @@ TIED_KEY = "llm.lm_head.weight"
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "billiards-small"
 MODEL_NAMES = {"billiards-small": BUNDLED_MODEL}  # models known by name (``--model billiards-small``)
 CARD_FILE = "card.json"
+# what vLLM reads to pick its model class (hilight[vllm] registers both names)
+SERVING_KEYS = {"model_type": "hilight", "architectures": ["HiLightForConditionalGeneration"]}
 
 
 def model_state_dict(model: HiLight) -> dict[str, torch.Tensor]:
@@ -69,7 +71,7 @@ def save_checkpoint(
         state = model_state_dict(model)
         dtype = next(iter(state.values())).dtype
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype_name(dtype),
-                "config": to_dict(model.config)}
+                "config": to_dict(model.config), **SERVING_KEYS}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         if tokenizer is not None:

@@ -99,7 +99,7 @@ class ChatTokenizer:
     def _text(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _content(self, text: str) -> list[int]:
+    def content_ids(self, text: str) -> list[int]:
         """Text with each ``<video>`` expanded into placeholder ids."""
         ids: list[int] = []
         for i, chunk in enumerate(text.split(VIDEO_TOKEN)):
@@ -122,7 +122,7 @@ class ChatTokenizer:
         ids, labels = [self.bos_id], [IGNORE_INDEX]
         for msg in messages:
             header = self._text(f"{START_OF_TURN}{msg.role}\n")
-            body = self._content(msg.content)
+            body = self.content_ids(msg.content)
             footer = [self.end_of_turn_id, *self._text("\n")]
             if msg.role == "user":
                 chunk = header + body + footer

@@ -43,6 +43,20 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (x.clone(memory_format=torch.contiguous_format), *args[1:])
 
 
+def mine_tokens(token_mining: TokenMining, towers: TowerOutputs, num_proxy_tokens: int) -> torch.Tensor:
+    """TokenMining output [V, T*Q, D_llm] for the tower outputs of V videos (in TokenMining's dtype).
+    CLIP-ViP's output starts with its CLS and proxy tokens (clip-level, not of one frame)."""
+    dtype = token_mining.CLIP_VIP_projector[0].weight.dtype
+    return token_mining(towers.video.to(dtype), towers.image.to(dtype), num_proxy_tokens)
+
+
+def scale_visual(video_embeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Visual tokens as they enter the LLM: multiplied by sqrt(hidden_size) in the embedding
+    dtype, as Gemma scales its token embeddings (see :meth:`HiLight.embed` for why)."""
+    scale = torch.tensor(video_embeds.shape[-1] ** 0.5, dtype=dtype)
+    return video_embeds.to(dtype) * scale
+
+
 class HiLight(nn.Module):
     def __init__(self, config: HiLightConfig):
         super().__init__()
@@ -70,10 +84,7 @@ class HiLight(nn.Module):
 
     def video_embeddings(self, towers: TowerOutputs) -> torch.Tensor:
         """TokenMining output [V, T*Q, D_llm] for tower outputs of V videos."""
-        dtype = self.token_mining.CLIP_VIP_projector[0].weight.dtype
-        # CLIP-ViP's output starts with its CLS and proxy tokens (clip-level, not of one frame)
-        global_tokens = self.config.video_tower.num_proxy_tokens
-        return self.token_mining(towers.video.to(dtype), towers.image.to(dtype), global_tokens)
+        return mine_tokens(self.token_mining, towers, self.config.video_tower.num_proxy_tokens)
 
     def embed(self, input_ids: torch.Tensor, video_embeds: torch.Tensor | None) -> torch.Tensor:
         """Text embeddings with every placeholder run replaced by its video's embeddings.
@@ -97,8 +108,7 @@ class HiLight(nn.Module):
             )
         if n_slots == 0:
             return embeds
-        scale = torch.tensor(self.config.llm.hidden_size**0.5, dtype=embeds.dtype)
-        visual = video_embeds.to(embeds.dtype) * scale  # [V, T*Q, D]
+        visual = scale_visual(video_embeds, embeds.dtype)  # [V, T*Q, D]
         return embeds.masked_scatter(is_video.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def forward(

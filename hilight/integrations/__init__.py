@@ -1,0 +1,1 @@
+"""HiLight on the engines the field uses: vLLM (serving) and Ray Data (batch inference)."""
