@@ -45,7 +45,6 @@ from hilight.video import preprocess, sample_indices
 log = logging.getLogger(__name__)
 
 PIXELS = "pixel_values_videos"
-TURN = re.compile(re.escape(START_OF_TURN) + r"(user|model)\n(.*?)" + re.escape(END_OF_TURN) + r"\n", re.S)
 
 
 class HiLightProcessingInfo(BaseProcessingInfo):
@@ -125,8 +124,11 @@ class HiLightMultiModalProcessor(BaseMultiModalProcessor[HiLightProcessingInfo])
         bos, header = chat.tok.bos_token, f"{START_OF_TURN}model\n"
         if not (text.startswith(bos) and text.endswith(header)):
             return None
+        # a model turn may end in <eos>, as HiLight itself renders it
+        turn = re.compile(f"{re.escape(START_OF_TURN)}(user|model)\n(.*?){re.escape(END_OF_TURN)}\n"
+                          f"(?:{re.escape(chat.tok.eos_token)})?", re.S)
         body, messages, pos = text[len(bos): -len(header)], [], 0
-        for match in TURN.finditer(body):
+        for match in turn.finditer(body):
             if match.start() != pos:
                 return None
             messages.append(Message(match.group(1), match.group(2)))
