@@ -8,11 +8,12 @@ as real Gemma. Byte-level BPE round-trips any Unicode text.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
@@ -54,4 +55,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 def load_tokenizer(path: str | Path):
     """Load a tokenizer saved in a local directory (never reaches for a hub)."""
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    options = {}
+    config = Path(path) / "config.json"
+    try:
+        if json.loads(config.read_text()).get("format") == "hilight":
+            # a HiLight checkpoint: its tokenizer files name their class, and the model_type
+            # "hilight" there (for vLLM) is one transformers does not know and would warn about
+            options["config"] = PretrainedConfig()
+    except (OSError, ValueError, AttributeError):
+        pass
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **options)

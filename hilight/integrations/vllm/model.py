@@ -10,7 +10,6 @@ and preprocessing, the visual tokens are scaled by sqrt(hidden_size) as
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -35,11 +34,12 @@ from vllm.sequence import IntermediateTensors
 
 from hilight.config import HiLightConfig
 from hilight.integrations.vllm.config import HiLightVllmConfig
+from hilight.integrations.vllm.prompt import prompt_ids
 from hilight.model.clip_vip import CLIPViPVideoTower
 from hilight.model.hilight import COMPONENTS, TowerOutputs, mine_tokens, scale_visual
 from hilight.model.long_clip import LongCLIPImageTower
 from hilight.model.token_mining import TokenMining
-from hilight.text import END_OF_TURN, START_OF_TURN, VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, ChatTokenizer, Message
+from hilight.text import VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, ChatTokenizer
 from hilight.video import preprocess, sample_indices
 
 log = logging.getLogger(__name__)
@@ -108,34 +108,11 @@ class HiLightMultiModalProcessor(BaseMultiModalProcessor[HiLightProcessingInfo])
                                   replacement=PromptUpdateDetails.select_token_id(slots, self._chat().pad_id))]
 
     def _postprocess_prompt(self, prompt: list[int]) -> list[int]:
-        """The renderer tokenized the whole prompt in one piece; HiLight tokenizes each turn's
-        header, text and footer apart, around every video. Re-tokenizing the same text the way
-        HiLight does gives exactly HiLight's ids (vLLM's own tokenizing of ``<video>`` would
-        let it merge with the text around it)."""
+        """The renderer's ids re-tokenized as HiLight tokenizes the same text (see
+        :mod:`hilight.integrations.vllm.prompt`), each video's positions holding the pad id."""
         chat = self._chat()
-        text = chat.tok.decode(prompt, skip_special_tokens=False)
-        ids = self._as_chat(chat, text)
-        if ids is None:  # a raw prompt, not a rendered conversation
-            ids = chat.content_ids(text)
+        ids = prompt_ids(chat, chat.tok.decode(prompt, skip_special_tokens=False))
         return [chat.pad_id if t == VIDEO_PLACEHOLDER_ID else t for t in ids]
-
-    @staticmethod
-    def _as_chat(chat: ChatTokenizer, text: str) -> list[int] | None:
-        bos, header = chat.tok.bos_token, f"{START_OF_TURN}model\n"
-        if not (text.startswith(bos) and text.endswith(header)):
-            return None
-        # a model turn may end in <eos>, as HiLight itself renders it
-        turn = re.compile(f"{re.escape(START_OF_TURN)}(user|model)\n(.*?){re.escape(END_OF_TURN)}\n"
-                          f"(?:{re.escape(chat.tok.eos_token)})?", re.S)
-        body, messages, pos = text[len(bos): -len(header)], [], 0
-        for match in turn.finditer(body):
-            if match.start() != pos:
-                return None
-            messages.append(Message(match.group(1), match.group(2)))
-            pos = match.end()
-        if pos != len(body) or not messages:
-            return None
-        return chat.encode(messages, generation=True).input_ids
 
 
 @MULTIMODAL_REGISTRY.register_processor(HiLightMultiModalProcessor, info=HiLightProcessingInfo,
