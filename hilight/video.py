@@ -370,7 +370,9 @@ def _encode(path: Path, frames: np.ndarray, fps: float, codec: str, pix_fmt: str
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         if codec == "libx264":
-            stream.options = {"preset": "veryfast", "crf": "18", **(options or {})}
+            # one thread: x264's output depends on its thread count, so the same frames would
+            # encode differently on machines with other core counts
+            stream.options = {"preset": "veryfast", "crf": "18", "threads": "1", **(options or {})}
         elif options:
             stream.options = options
         exact = pix_fmt == "yuv420p" and frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0

@@ -87,4 +87,14 @@ def test_tiny_recipe_losses_are_pinned(tmp_path):
                       max_length=512, **common))
     got = {stage: _losses(tmp_path / stage) for stage in GOLDEN}
     for stage, expected in GOLDEN.items():
-        assert got[stage] == pytest.approx(expected, rel=1e-4), (stage, got[stage])
+        assert got[stage] == pytest.approx(expected, rel=1e-4), (stage, got[stage], _environment())
+
+
+def _environment() -> dict:
+    """What a machine that computes other numbers differs in (for the failure message)."""
+    import platform
+    from importlib.metadata import version
+
+    packages = {p: version(p) for p in ("torch", "transformers", "tokenizers", "accelerate", "av", "numpy")}
+    return {**packages, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability()}
