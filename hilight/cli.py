@@ -458,6 +458,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Answers for every item of a manifest, on Ray Data; a rerun continues where one stopped."""
+    from hilight.checkpoint import read_card
+    from hilight.integrations.batch import BatchOptions, read_manifest, run_batch
+
+    items = read_manifest(args.manifest, args.question, args.video_root)
+    path = _model_path(args.model)
+    options = BatchOptions(
+        model=path, model_name=read_card(path).get("name") or path.name, dtype=args.dtype, quantize=args.quantize,
+        encode_actors=args.encode_actors, generate_actors=args.generate_actors, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, ray_address=args.ray_address, num_cpus=args.num_cpus,
+        cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor, retry_errors=args.retry_errors,
+        verbose=args.verbose)
+
+    def bar(total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="item", desc="batch", dynamic_ncols=True)
+
+    summary = run_batch(items, args.out, options, progress=bar)
+    for row in summary.failures[:10]:
+        print(f"  failed: {row['id']}: {row['error']}", file=sys.stderr)
+    if len(summary.failures) > 10:
+        print(f"  and {len(summary.failures) - 10} more failed (their rows in {args.out} say why)", file=sys.stderr)
+    if summary.changed:
+        print(f"note: {len(summary.changed)} item(s) skipped as done have another video or question in {args.out} "
+              f"than in the manifest now (e.g. id {summary.changed[0]!r}); they were kept as they are",
+              file=sys.stderr)
+    print(summary.line(args.out))
+    if summary.interrupted:
+        print(f"interrupted: the rows above are in {args.out}; the same command continues", file=sys.stderr)
+        return 130
+    # every item of this run failed (a wrong --video-root, say): status 1, so scripts notice
+    return 1 if summary.failed and not summary.answered else 0
+
+
 def cmd_webui(args: argparse.Namespace) -> int:
     """The Gradio web UI."""
     from hilight.inference.engine import resolve_dtype
@@ -611,6 +647,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that wait together are generated together, up to this many (1: one at a time)")
     p.add_argument("--max-concurrent", type=int, default=1, help="beam-search generations at once (never batched)")
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait; more get 503")
+
+    p = command("batch", cmd_batch, "answer a manifest of (video, question) items on Ray Data, resumably")
+    p.add_argument("manifest", type=Path,
+                   help="a .jsonl or .csv of video, question (and optionally id), a LLaVA-style .json, or a folder "
+                        "of videos with --question")
+    p.add_argument("--out", type=Path, required=True,
+                   help="answers, one row per item: .jsonl or .parquet; a rerun with the same file skips what it holds")
+    p.add_argument("--question", help="with a folder: the question asked about every video in it")
+    p.add_argument("--video-root", type=Path, help="folder relative video names are under (default: the manifest's)")
+    p.add_argument("--retry-errors", action="store_true", help="answer again the items whose row is an error")
+    p.add_argument("--encode-actors", type=int, default=1, help="actors decoding videos and running the towers")
+    p.add_argument("--generate-actors", type=int, default=1, help="actors generating the answers")
+    p.add_argument("--batch-size", type=int, default=8, help="videos encoded, and prompts generated, together")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens (greedy)")
+    p.add_argument("--ray-address", help="a Ray cluster (ray://HOST:10001 or HOST:6379; default: a local Ray "
+                                         "instance for this run, on 127.0.0.1)")
+    p.add_argument("--num-cpus", type=int, help="local Ray: CPUs it may use (default: all of this machine's)")
+    p.add_argument("--cpus-per-actor", type=float,
+                   help="CPUs each actor reserves (default: local, the CPUs shared among all actors; a cluster, 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPUs each actor reserves; above 0 the model runs on CUDA")
+    _add_model(p)
 
     p = command("frames", cmd_frames, "contact sheet (PNG) of the frames sampled from a video")
     p.add_argument("video", help="a video or image file")
