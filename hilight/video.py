@@ -370,8 +370,8 @@ def _encode(path: Path, frames: np.ndarray, fps: float, codec: str, pix_fmt: str
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         if codec == "libx264":
-            # one thread: x264's output depends on its thread count, so the same frames would
-            # encode differently on machines with other core counts
+            # one thread: x264's output depends on its thread count (and varied between runs with
+            # several), and the same frames must give the same bytes on every machine
             stream.options = {"preset": "veryfast", "crf": "18", "threads": "1", **(options or {})}
         elif options:
             stream.options = options

