@@ -12,7 +12,7 @@ and the ``<eos>``; everything else, including the visual positions, is ``IGNORE_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,13 +99,24 @@ class ChatTokenizer:
     def _text(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def content_ids(self, text: str) -> list[int]:
-        """Text with each ``<video>`` expanded into placeholder ids."""
+    def content_ids(self, text: str, layouts: Iterator[Sequence[str] | None] | None = None) -> list[int]:
+        """Text with each ``<video>`` expanded into placeholder ids (see :meth:`video_ids`;
+        ``layouts`` gives each video's segment labels in turn)."""
         ids: list[int] = []
         for i, chunk in enumerate(text.split(VIDEO_TOKEN)):
             if i:
-                ids += [VIDEO_PLACEHOLDER_ID] * self.tokens_per_video
+                ids += self.video_ids(next(layouts, None) if layouts is not None else None)
             ids += self._text(chunk)
+        return ids
+
+    def video_ids(self, labels: Sequence[str] | None = None) -> list[int]:
+        """One video's ids: ``tokens_per_video`` placeholders, or, for a video read in several
+        segments, each segment's label (its time span, as text) followed by its placeholders."""
+        if not labels:
+            return [VIDEO_PLACEHOLDER_ID] * self.tokens_per_video
+        ids: list[int] = []
+        for label in labels:
+            ids += self._text(label) + [VIDEO_PLACEHOLDER_ID] * self.tokens_per_video
         return ids
 
     def encode(
@@ -115,14 +126,20 @@ class ChatTokenizer:
         generation: bool = False,
         max_length: int | None = None,
         truncation: Literal["error", "right"] = "error",
+        layouts: Sequence[Sequence[str] | None] | None = None,
     ) -> Encoded:
         """Tokenize a conversation. With ``generation=True`` it must end on a user turn and
-        the model header is appended; over-long prompts always raise then."""
+        the model header is appended; over-long prompts always raise then. ``layouts`` has one
+        entry per ``<video>`` in reading order: ``None`` for a video in one block, or the labels
+        of its segments."""
         validate(messages, generation)
+        if layouts is not None and len(layouts) != count_videos(messages):
+            raise ConversationError(f"{count_videos(messages)} {VIDEO_TOKEN} marker(s) for {len(layouts)} video(s)")
+        order = iter(layouts) if layouts is not None else None
         ids, labels = [self.bos_id], [IGNORE_INDEX]
         for msg in messages:
             header = self._text(f"{START_OF_TURN}{msg.role}\n")
-            body = self.content_ids(msg.content)
+            body = self.content_ids(msg.content, order)
             footer = [self.end_of_turn_id, *self._text("\n")]
             if msg.role == "user":
                 chunk = header + body + footer

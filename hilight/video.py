@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from hilight.config import VideoInputConfig
 from hilight.errors import VideoError
+from hilight.sampling import Sampling, Segment, plan_segments, segment_label
 
 # file names that are videos (or stills, read as one-frame clips), for telling a path from a question
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg", ".ts", ".flv",
@@ -64,6 +65,15 @@ class FrameIndex:
     def seconds(self, pts: int) -> float:
         return float((pts - self.pts[0]) * self.time_base)
 
+    @property
+    def times(self) -> list[float]:
+        """Every frame's time in seconds from the first."""
+        return [self.seconds(p) for p in self.pts]
+
+    @property
+    def duration(self) -> float:
+        return self.seconds(self.pts[-1])
+
 
 def sample_indices(num_available: int, num_frames: int) -> list[int]:
     """The original's rule: ``linspace(0, n - 1, T)`` truncated to int (first and last frame
@@ -79,7 +89,7 @@ def choose_frames(index: FrameIndex, cfg: VideoInputConfig) -> list[int]:
     if cfg.sampling == "midpoint":
         return [min(n - 1, int((k + 0.5) * n / t)) for k in range(t)]
     # fps: T frames 1/fps apart, centred on the middle of the clip, nearest frame by time
-    times = [index.seconds(p) for p in index.pts]
+    times = index.times
     span = (t - 1) / cfg.sample_fps
     if span >= times[-1]:
         return sample_indices(n, t)  # the clip is shorter than the window: spread over it all
@@ -230,17 +240,29 @@ def _decode_seeking(container, stream, index: FrameIndex, targets: list[int], cf
     return got
 
 
+def probe_video(path: str | Path, cfg: VideoInputConfig) -> FrameIndex:
+    """Every frame's timestamp and the keyframes of ``path``, from one demux pass (no decoding)."""
+    path = Path(path)
+    deadline = _Deadline(path, cfg.max_decode_seconds)
+    with _open(path) as container:
+        return _index_frames(container, _video_stream(container, path), path, deadline)
+
+
 def decode_video(path: str | Path, cfg: VideoInputConfig, strategy: str = "auto") -> DecodedVideo:
     """Decode the T sampled frames of ``path`` (uint8 RGB, maybe pre-scaled by FFmpeg).
 
     ``strategy`` is ``auto`` (cheapest by the cost model), ``seek`` or ``sequential``.
     """
+    index = probe_video(path, cfg)
+    return decode_frames(path, index, choose_frames(index, cfg), cfg, strategy)
+
+
+def decode_frames(path: str | Path, index: FrameIndex, chosen: list[int], cfg: VideoInputConfig,
+                  strategy: str = "auto") -> DecodedVideo:
+    """Decode the frames ``chosen`` (indices into ``index.pts``, repeats allowed) of ``path``,
+    seeking or in one pass, whichever decodes fewer frames."""
     path = Path(path)
     deadline = _Deadline(path, cfg.max_decode_seconds)
-    with _open(path) as container:
-        stream = _video_stream(container, path)
-        index = _index_frames(container, stream, path, deadline)
-    chosen = choose_frames(index, cfg)
     targets = sorted(set(chosen))
     seek_cost, seq_cost = _plan_cost(index, targets)
     if strategy == "auto":
@@ -306,24 +328,48 @@ def load_video(path: str | Path, cfg: VideoInputConfig) -> torch.Tensor:
     return preprocess(decode_video(path, cfg).frames, cfg)
 
 
-def contact_sheet(path: str | Path, cfg: VideoInputConfig, columns: int = 4):
+def plan_video(path: str | Path, cfg: VideoInputConfig, sampling: Sampling = Sampling(),
+               index: FrameIndex | None = None) -> tuple[FrameIndex, list[Segment]]:
+    """The segments of ``path`` the model sees for ``sampling`` (a demux pass unless ``index``
+    is given; nothing is decoded)."""
+    index = index or probe_video(path, cfg)
+    return index, plan_segments(index.times, cfg.num_frames, sampling, choose_frames(index, cfg), path)
+
+
+def contact_sheet(path: str | Path, cfg: VideoInputConfig, sampling: Sampling = Sampling(), columns: int = 4):
     """A PIL image of the sampled frames exactly as the model sees them (after resizing),
-    each labelled with its frame number and timestamp."""
+    each labelled with its frame number and timestamp; a video read in several segments gets
+    one row per segment, headed by the segment's time-span marker."""
     from PIL import Image, ImageDraw, ImageFont
 
-    decoded = decode_video(path, cfg)
-    frames = to_uint8(preprocess(decoded.frames, cfg), cfg)  # [T, S, S, 3]
+    index, segments = plan_video(path, cfg, sampling)
+    decoded = decode_frames(path, index, [i for s in segments for i in s.indices], cfg)
+    frames = to_uint8(preprocess(decoded.frames, cfg), cfg)  # [N, S, S, 3]
+    per_row = columns if len(segments) == 1 else cfg.num_frames
+    heads = [""] if len(segments) == 1 else [segment_label(s, index.duration) + "  " for s in segments]
     tile, label, gap = max(cfg.image_size, 160), 22, 6
-    rows = -(-len(frames) // columns)
-    sheet = Image.new("RGB", (columns * (tile + gap) + gap, rows * (tile + label) + label), "white")
+    rows_per_segment = -(-len(segments[0].indices) // per_row)
+    rows = rows_per_segment * len(segments)
+    head = 0 if len(segments) == 1 else 16
+    sheet = Image.new("RGB", (per_row * (tile + gap) + gap, rows * (tile + label) + label + head * len(segments)),
+                      "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=14)
-    draw.text((4, 3), f"{Path(path).name}: {decoded.total_frames} frames, {decoded.duration:.2f} s, "
-                      f"{cfg.sampling} sampling, {decoded.strategy} decode", fill="black", font=font)
-    for k, (image, idx, ts) in enumerate(zip(frames, decoded.indices, decoded.timestamps, strict=True)):
-        x, y = gap + (k % columns) * (tile + gap), label + (k // columns) * (tile + label)
-        sheet.paste(Image.fromarray(image).resize((tile, tile), Image.NEAREST), (x, y))
-        draw.text((x + 4, y + tile + 3), f"#{idx}  t={ts:.2f}s", fill="black", font=font)
+    what = "the model's own sampling" if sampling.is_default else ", ".join(f"{k}={v}" for k, v in
+                                                                              sampling.to_json().items())
+    draw.text((4, 3), f"{Path(path).name}: {decoded.total_frames} frames, {decoded.duration:.2f} s, {what}, "
+                      f"{len(segments)} segment(s), {decoded.strategy} decode", fill="black", font=font)
+    k = 0
+    for n, segment in enumerate(segments):
+        top = label + n * (rows_per_segment * (tile + label) + head)
+        if head:
+            draw.text((4, top), heads[n], fill="black", font=font)
+        for j in range(len(segment.indices)):
+            image, idx, ts = frames[k], decoded.indices[k], decoded.timestamps[k]
+            x, y = gap + (j % per_row) * (tile + gap), top + head + (j // per_row) * (tile + label)
+            sheet.paste(Image.fromarray(image).resize((tile, tile), Image.NEAREST), (x, y))
+            draw.text((x + 4, y + tile + 3), f"#{idx}  t={ts:.2f}s", fill="black", font=font)
+            k += 1
     return sheet
 
 

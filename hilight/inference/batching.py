@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from hilight.errors import HiLightError
-from hilight.inference.engine import Engine, GenerationSettings, generate
+from hilight.inference.engine import Clip, Engine, GenerationSettings, generate
 from hilight.text import Message, collate
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Job:
     """One request: the whole conversation (ending in the new user turn, its videos placed) and
-    every video in it, in order. ``emit(kind, value)`` receives ``("text", chunk)`` as the
-    answer grows, then ``("done", usage)`` or ``("error", exception)``."""
+    every video in it (paths or :class:`~hilight.inference.engine.Clip`), in order.
+    ``emit(kind, value)`` receives ``("text", chunk)`` as the answer grows, then ``("done",
+    usage)`` (token counts and what each video was read as) or ``("error", exception)``."""
 
     messages: Sequence[Message]
-    videos: Sequence[str | Path]
+    videos: Sequence[str | Path | Clip]
     settings: GenerationSettings
     emit: Callable[[str, object], None]
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -79,30 +80,30 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         engine = self.engine
-        ready, encoded = [], []
+        ready, encoded, planned = [], [], []
         for job in jobs:  # one request's bad video or conversation fails that request only
             if job.cancel.is_set():
-                job.emit("done", {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0})
+                job.emit("done", {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0, "videos": []})
                 continue
             try:
-                encoded.append(engine.chat.encode(list(job.messages), generation=True,
-                                                  max_length=engine.model.config.text.max_length))
+                plans = [engine.plan(v) for v in job.videos]
+                encoded.append(engine.encode_prompt(list(job.messages), plans, job.settings))
+                planned.append(plans)
                 ready.append(job)
             except HiLightError as exc:
                 job.emit("error", exc)
         try:
-            embeds = engine.video_embeddings_many([v for job in ready for v in job.videos])
+            embeds = engine.segment_embeddings([p for plans in planned for p in plans])
         except HiLightError:  # find whose video it is, and go on without that request
-            kept, kept_encoded = [], []
-            for job, enc in zip(ready, encoded, strict=True):
+            kept = []
+            for job, enc, plans in zip(ready, encoded, planned, strict=True):
                 try:
-                    engine.video_embeddings_many(job.videos)
-                    kept.append(job)
-                    kept_encoded.append(enc)
+                    engine.segment_embeddings(plans)
+                    kept.append((job, enc, plans))
                 except HiLightError as exc:
                     job.emit("error", exc)
-            ready, encoded = kept, kept_encoded
-            embeds = engine.video_embeddings_many([v for job in ready for v in job.videos])
+            ready, encoded, planned = (list(x) for x in zip(*kept, strict=True)) if kept else ([], [], [])
+            embeds = engine.segment_embeddings([p for plans in planned for p in plans])
         if not ready:
             return
         self.batches.append(len(ready))
@@ -110,9 +111,10 @@ class Batcher:
         batch = collate(encoded, engine.chat.pad_id, padding_side="left")
         generate(engine.model, batch, engine.stop_ids, ready[0].settings, video_embeds=embeds, streamer=rows,
                  stopping=StoppingCriteriaList([rows]))
-        for job, enc, n in zip(ready, encoded, rows.generated, strict=True):
+        for job, enc, n, plans in zip(ready, encoded, rows.generated, planned, strict=True):
             rows.flush(job)
-            job.emit("done", {"prompt_tokens": len(enc), "cached_tokens": 0, "completion_tokens": n})
+            job.emit("done", {"prompt_tokens": len(enc), "cached_tokens": 0, "completion_tokens": n,
+                              "videos": [p.info() for p in plans]})
 
 
 class _Rows(BaseStreamer, StoppingCriteria):

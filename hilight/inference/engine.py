@@ -11,6 +11,7 @@ videos already in the conversation are neither decoded nor encoded again.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -23,8 +24,13 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, T
 from hilight.errors import ConfigError, NoVideoError
 from hilight.files import file_digest, torch_dtype
 from hilight.model import HiLight
-from hilight.text import VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Message, collate
-from hilight.video import load_video
+from hilight.sampling import Sampling, Segment, segment_label
+from hilight.text import (VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Encoded, Message,
+                          collate)
+from hilight.video import FrameIndex, decode_frames, plan_video, preprocess
+
+ENCODE_BATCH = 16  # segments decoded and run through the towers together (bounds memory for long videos)
+ANSWER_ROOM = 256  # context positions a prompt must leave for the answer (fewer when fewer new tokens are asked)
 
 
 @dataclass
@@ -93,12 +99,13 @@ def generate(
         held = inputs_embeds.new_zeros(1, cached, inputs_embeds.shape[-1])  # [1, cached, D]
         inputs_embeds = torch.cat([held, inputs_embeds], dim=1)  # [1, L, D]
     options = {} if cache is None else {"cache": cache}
+    room = model.config.llm.max_position_embeddings - input_ids.shape[1]  # the answer stops at the context's end
     if settings.do_sample:
         options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     return model.llm.generate(
         inputs_embeds=inputs_embeds,
         attention_mask=batch.attention_mask.to(device),
-        max_new_tokens=settings.max_new_tokens,
+        max_new_tokens=max(1, min(settings.max_new_tokens, room)),
         do_sample=settings.do_sample,
         num_beams=settings.num_beams,
         eos_token_id=stop_ids,
@@ -121,20 +128,65 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-class Engine:
-    """A loaded model plus its tokenizer, with per-video embeddings cached by content hash.
+@dataclass(frozen=True)
+class Clip:
+    """A video (or still image) file and how to sample it: the model's own way by default."""
 
-    Each video is decoded and encoded once (towers + TokenMining); later questions about it,
-    in any conversation, reuse the embeddings.
+    path: Path
+    sampling: Sampling = Sampling()
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def as_clip(video: str | Path | Clip) -> Clip:
+    return video if isinstance(video, Clip) else Clip(Path(video))
+
+
+@dataclass
+class Planned:
+    """A clip as the model will see it: its segments (one unless more frames were asked), the
+    cache key of each, and the time of every frame shown (from the demux pass)."""
+
+    clip: Clip
+    index: FrameIndex
+    segments: list[Segment]
+    keys: list[str]
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The time-span markers of the segments; none for a video in one segment (read
+        exactly as the model was trained)."""
+        if len(self.segments) == 1:
+            return None
+        return [segment_label(s, self.index.duration) for s in self.segments]
+
+    def info(self) -> dict:
+        """What the answer was based on: the sampling asked for, and each segment's span and
+        its frames' times (seconds), for ``--json`` and the API's response."""
+        return {"sampling": self.clip.sampling.to_json(), "duration": round(self.index.duration, 3),
+                "total_frames": len(self.index.pts), "frames": sum(len(s.indices) for s in self.segments),
+                "segments": [{"start": round(s.start, 3), "end": round(s.end, 3),
+                              "timestamps": [round(self.index.seconds(self.index.pts[i]), 3) for i in s.indices]}
+                             for s in self.segments]}
+
+
+class Engine:
+    """A loaded model plus its tokenizer, with segment embeddings cached by content.
+
+    Each segment of a video (its T frames) is decoded and encoded once (towers + TokenMining);
+    later questions about it, in any conversation, reuse the embeddings, so a follow-up about
+    another range of the same video encodes only the segments that are new.
     """
 
-    def __init__(self, model: HiLight, tokenizer, cache_size: int = 64):
+    def __init__(self, model: HiLight, tokenizer, cache_size: int = 128):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chat = ChatTokenizer(tokenizer, model.config.tokens_per_video)
         self.stop_ids = [self.chat.end_of_turn_id, self.chat.eos_id]
-        self.cache_size = cache_size
-        self._videos: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_size = cache_size  # segments
+        self._videos: OrderedDict[str, torch.Tensor] = OrderedDict()  # segment key -> [T*Q, D]
+        self._indexes: OrderedDict[str, FrameIndex] = OrderedDict()  # content hash -> demux pass
         self._digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> content hash
 
     @classmethod
@@ -172,45 +224,109 @@ class Engine:
             self._digests[ident] = file_digest(path)
         return self._digests[ident]
 
-    @torch.inference_mode()
-    def video_embeddings(self, path: str | Path) -> torch.Tensor:
-        """TokenMining output [T*Q, D] for one video file (cached by content hash)."""
-        return self.video_embeddings_many([path])[0]
+    @property
+    def context(self) -> int:
+        """Positions the LLM can attend over: prompt and answer together."""
+        return self.model.config.llm.max_position_embeddings
+
+    def plan(self, video: str | Path | Clip) -> Planned:
+        """Which frames of ``video`` the model will see, in which segments (a demux pass, cached
+        per file content; nothing is decoded). A range outside the video raises VideoError."""
+        clip = as_clip(video)
+        digest = self.digest(clip.path)
+        index, segments = plan_video(clip.path, self.model.config.video, clip.sampling, self._indexes.get(digest))
+        self._indexes[digest] = index
+        self._indexes.move_to_end(digest)
+        while len(self._indexes) > 4 * self.cache_size:
+            self._indexes.popitem(last=False)
+        keys = [f"{digest}:{hashlib.blake2b(repr(s.indices).encode(), digest_size=8).hexdigest()}" for s in segments]
+        return Planned(clip, index, segments, keys)
 
     @torch.inference_mode()
-    def video_embeddings_many(self, paths: Sequence[str | Path]) -> torch.Tensor | None:
-        """TokenMining outputs [V, T*Q, D] of several videos; the ones not cached yet are decoded
-        and then encoded together, as one batch through the towers and TokenMining."""
-        if not paths:
+    def segment_embeddings(self, planned: Sequence[Planned], skip: int = 0) -> torch.Tensor | None:
+        """TokenMining outputs [N, T*Q, D] of every segment of ``planned`` in order, but the first
+        ``skip``. Segments not cached yet are decoded (seeking to each) and run through the towers
+        and TokenMining, ``ENCODE_BATCH`` at a time."""
+        keys = [k for p in planned for k in p.keys][skip:]
+        if not keys:
             return None
-        keys = [self.digest(p) for p in paths]
-        todo = {k: p for k, p in zip(keys, paths, strict=True) if k not in self._videos}
-        if todo:
-            pixels = torch.stack([load_video(p, self.model.config.video) for p in todo.values()]).to(self.device)
-            embeds = self.model.video_embeddings(self.model.encode_videos(pixels))  # [N, T*Q, D]
-            for key, row in zip(todo, embeds, strict=True):
+        needed, todo, seen = set(keys), [], set()
+        for p in planned:
+            for key, segment in zip(p.keys, p.segments, strict=True):
+                if key in needed and key not in self._videos and key not in seen:
+                    todo.append((p, key, segment))
+                    seen.add(key)
+        pixels: list[torch.Tensor] = []
+        pending: list[str] = []
+        cfg = self.model.config.video
+        for start in range(0, len(todo), ENCODE_BATCH):
+            chunk = todo[start:start + ENCODE_BATCH]
+            by_clip: dict[int, list] = {}
+            for item in chunk:  # one decode per file: a seek (or pass) plan over all its segments
+                by_clip.setdefault(id(item[0]), []).append(item)
+            for items in by_clip.values():
+                p = items[0][0]
+                chosen = [i for _, _, seg in items for i in seg.indices]
+                frames = preprocess(decode_frames(p.clip.path, p.index, chosen, cfg).frames, cfg)  # [n*T, 3, S, S]
+                pixels += list(frames.view(len(items), cfg.num_frames, *frames.shape[1:]))
+                pending += [key for _, key, _ in items]
+            embeds = self.model.video_embeddings(self.model.encode_videos(torch.stack(pixels).to(self.device)))
+            for key, row in zip(pending, embeds, strict=True):
                 self._videos[key] = row
+            pixels, pending = [], []
         rows = []
         for key in keys:
             self._videos.move_to_end(key)
             rows.append(self._videos[key])
-        while len(self._videos) > max(self.cache_size, len(set(keys))):
+        while len(self._videos) > max(self.cache_size, len(needed)):
             self._videos.popitem(last=False)
         return torch.stack(rows)
 
+    def video_embeddings(self, video: str | Path | Clip) -> torch.Tensor:
+        """TokenMining output [T*Q, D] of a video read in one segment (cached)."""
+        return self.video_embeddings_many([video])[0]
+
+    def video_embeddings_many(self, videos: Sequence[str | Path | Clip]) -> torch.Tensor | None:
+        """TokenMining outputs [N, T*Q, D] of every segment of ``videos``, in order (one per video
+        sampled the model's own way); the ones not cached yet are encoded together."""
+        return self.segment_embeddings([self.plan(v) for v in videos])
+
+    def encode_prompt(self, messages: Sequence[Message], planned: Sequence[Planned],
+                      settings: GenerationSettings | None = None) -> Encoded:
+        """The prompt's ids with each video's segments laid out; refused when it would leave the
+        LLM's context less than room for the answer, saying how many segments would fit."""
+        encoded = self.chat.encode(messages, generation=True, layouts=[p.labels for p in planned])
+        answer = min((settings or GenerationSettings()).max_new_tokens, ANSWER_ROOM)
+        limit = self.context - answer
+        if len(encoded) <= limit:
+            return encoded
+        segments = sum(len(p.segments) for p in planned)
+        visual = sum(len(self.chat.video_ids(p.labels)) for p in planned)
+        text = len(encoded) - visual
+        if segments <= len(planned):
+            raise ConversationError(f"the prompt is {len(encoded)} tokens ({text} of text, {len(planned)} video(s) "
+                                    f"of {self.chat.tokens_per_video}); the model's context of {self.context} "
+                                    f"leaves room for {limit} with {answer} kept for the answer")
+        fits = max(0, (limit - text) // max(1, visual // segments))
+        raise ConversationError(
+            f"{segments} video segments ({visual} tokens) and {text} tokens of text exceed the model's context of "
+            f"{self.context} with {answer} kept for the answer: {fits} segment(s) of {self.model.config.video.num_frames} frames would "
+            f"fit; ask for fewer frames (num_frames, or fps with max_frames) or a shorter range")
+
     def answer_batch(
-        self, prompts: Sequence[tuple[Sequence[Message], Sequence[str | Path]]], settings: GenerationSettings | None = None
+        self, prompts: Sequence[tuple[Sequence[Message], Sequence[str | Path | Clip]]],
+        settings: GenerationSettings | None = None,
     ) -> list[str]:
         """Answers for several (conversation ending in a user turn, its videos) prompts at once."""
-        encoded = [self.chat.encode(messages, generation=True, max_length=self.model.config.text.max_length)
-                   for messages, _ in prompts]
-        videos = [self.video_embeddings(v) for _, paths in prompts for v in paths]
-        embeds = torch.stack(videos) if videos else None
+        planned = [[self.plan(v) for v in videos] for _, videos in prompts]
+        encoded = [self.encode_prompt(messages, plans, settings)
+                   for (messages, _), plans in zip(prompts, planned, strict=True)]
+        embeds = self.segment_embeddings([p for plans in planned for p in plans])
         batch = collate(encoded, self.chat.pad_id, padding_side="left")
         out = generate(self.model, batch, self.stop_ids, settings, video_embeds=embeds)
         return [self.chat.decode(row.tolist()).strip() for row in out]
 
-    def answer(self, messages: Sequence[Message], videos: Sequence[str | Path] = (),
+    def answer(self, messages: Sequence[Message], videos: Sequence[str | Path | Clip] = (),
                settings: GenerationSettings | None = None) -> str:
         return self.answer_batch([(messages, videos)], settings)[0]
 
@@ -240,13 +356,14 @@ class PromptCache:
         return n
 
 
-def position_keys(input_ids: Sequence[int], digests: Sequence[str], tokens_per_video: int) -> list[int | str]:
-    """One key per prompt position: the token id, or the content hash of the video there."""
+def position_keys(input_ids: Sequence[int], block_keys: Sequence[str], tokens_per_video: int) -> list[int | str]:
+    """One key per prompt position: the token id, or at a visual position the key of the video
+    segment there (each fills ``tokens_per_video`` positions)."""
     keys: list[int | str] = []
-    visual = 0  # visual positions so far; each video fills tokens_per_video of them
+    visual = 0  # visual positions so far
     for token in input_ids:
         if token == VIDEO_PLACEHOLDER_ID:
-            keys.append(digests[visual // tokens_per_video])
+            keys.append(block_keys[visual // tokens_per_video])
             visual += 1
         else:
             keys.append(token)
@@ -255,18 +372,22 @@ def position_keys(input_ids: Sequence[int], digests: Sequence[str], tokens_per_v
 
 @dataclass
 class Conversation:
-    """A chat: alternating user/model messages; ``videos`` follow the ``<video>`` markers in
-    reading order. A user turn is only committed once its videos have been read, so a bad
-    video never leaves the conversation half-changed. ``cache`` holds the KV cache of the
-    conversation so far (one per conversation; dropped with it)."""
+    """A chat: alternating user/model messages; ``videos`` (each a :class:`Clip`: a file and its
+    sampling) follow the ``<video>`` markers in reading order. A user turn is only committed once
+    its videos have been read, so a bad video never leaves the conversation half-changed.
+    ``cache`` holds the KV cache of the conversation so far (one per conversation; dropped with it)."""
 
     messages: list[Message] = field(default_factory=list)
-    videos: list[Path] = field(default_factory=list)
+    videos: list[Clip] = field(default_factory=list)
     cache: PromptCache | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.videos = [as_clip(v) for v in self.videos]
 
     def to_json(self) -> dict:
         return {"messages": [{"role": m.role, "content": m.content} for m in self.messages],
-                "videos": [str(v) for v in self.videos]}
+                "videos": [{"path": str(v.path), **v.sampling.to_json()} if not v.sampling.is_default
+                           else str(v.path) for v in self.videos]}
 
 
 def place_videos(text: str, count: int) -> str:
@@ -317,7 +438,7 @@ def _resume(engine: Engine, cache: PromptCache | None, keys: Sequence[int | str]
     return cache.kv, held
 
 
-def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: Sequence[str | Path] = (),
+def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: Sequence[str | Path | Clip] = (),
                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
                  usage: dict | None = None, allow_no_video: bool = False) -> Iterator[str]:
     """Add a user turn and stream the model's reply, chunk by chunk; the reply is appended to
@@ -325,8 +446,10 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
 
     The model runs only over the prompt positions that the conversation's KV cache does not
     hold yet (the previous reply and the new turn, in a plain follow-up), so videos already in
-    the conversation are not decoded, encoded, nor even fetched from the per-video cache. ``usage``, if given, receives ``prompt_tokens``,
-    ``cached_tokens`` (of the prompt, not run again) and ``completion_tokens``.
+    the conversation are not decoded, encoded, nor even fetched from the segment cache.
+    ``usage``, if given, receives ``prompt_tokens``, ``cached_tokens`` (of the prompt, not run
+    again), ``completion_tokens``, and ``videos``: what each video of the conversation was read
+    as (:meth:`Planned.info`: segments and frame times).
 
     A conversation with no video at all is refused (:class:`NoVideoError`): a video model asked
     about nothing answers blind, and confidently. ``allow_no_video`` asks it without one."""
@@ -335,20 +458,20 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
         raise NoVideoError("no video in this conversation: add a video to the question, or ask without one "
                            "explicitly")
     text = place_videos(text, len(videos))
-    paths = [Path(v) for v in videos]
-    # decode and encode first: a bad video raises before anything changes
-    new = [engine.video_embeddings(path) for path in paths]
+    clips = [as_clip(v) for v in videos]
+    all_videos = [*conversation.videos, *clips]
+    # plan, check the length, decode and encode first: a bad video or request raises before
+    # anything changes
+    planned = [engine.plan(v) for v in all_videos]
     messages = [*conversation.messages, Message("user", text)]
-    all_videos = [*conversation.videos, *paths]
-    encoded = engine.chat.encode(messages, generation=True, max_length=engine.model.config.text.max_length)
-    per_video = engine.chat.tokens_per_video
-    keys = position_keys(encoded.input_ids, [engine.digest(v) for v in all_videos], per_video)
+    encoded = engine.encode_prompt(messages, planned, settings)
+    earlier = sum(len(p.keys) for p in planned[:len(conversation.videos)])
+    engine.segment_embeddings(planned, skip=earlier)  # the new videos' segments
+    keys = position_keys(encoded.input_ids, [k for p in planned for k in p.keys], engine.chat.tokens_per_video)
     kv, cached = _resume(engine, conversation.cache, keys, settings)
     conversation.cache = None  # in flux until the reply is in: a failed turn leaves no cache
-    covered = encoded.input_ids[:cached].count(VIDEO_PLACEHOLDER_ID) // per_video  # videos the cache holds
-    uncached = [engine.video_embeddings(v) for v in conversation.videos[covered:]]
-    uncached += new[max(0, covered - len(conversation.videos)):]
-    embeds = torch.stack(uncached) if uncached else None
+    covered = encoded.input_ids[:cached].count(VIDEO_PLACEHOLDER_ID) // engine.chat.tokens_per_video
+    embeds = engine.segment_embeddings(planned, skip=covered)  # the segments the cache does not hold
     batch = collate([encoded], engine.chat.pad_id, padding_side="left")
     cancel = cancel or threading.Event()
     streamer = _CountingStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -389,6 +512,7 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
                 held = [*keys, *output[0][0].tolist()][: kv.get_seq_length()]
                 conversation.cache = PromptCache(engine.model, held, kv)
         if usage is not None:
-            usage.update(prompt_tokens=len(encoded), cached_tokens=cached, completion_tokens=streamer.generated)
+            usage.update(prompt_tokens=len(encoded), cached_tokens=cached, completion_tokens=streamer.generated,
+                         videos=[p.info() for p in planned])
     if failure:
         raise failure[0]
