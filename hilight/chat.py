@@ -3,20 +3,51 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
-from hilight.errors import HiLightError, NoVideoError
-from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
-from hilight.video import decode_video
+from hilight.errors import ConfigError, HiLightError, NoVideoError
+from hilight.inference.engine import Clip, Conversation, Engine, GenerationSettings, stream_reply
+from hilight.sampling import FIELDS, Sampling
 
-HELP = "commands: /video PATH (add a video to your next message), /reset, /history, /save FILE, /quit"
+HELP = ("commands: /video PATH [--start T] [--end T] [--num-frames N | --fps F [--max-frames N]] (add a video to "
+        "your next message), /reset, /history, /save FILE, /quit")
+
+
+def parse_video_command(rest: str) -> Clip:
+    """``/video`` arguments: a path (quoted if it has spaces, unless it is a whole existing
+    file name) and sampling options such as ``--start 2:00 --end 2:30``."""
+    if Path(rest).is_file():
+        return Clip(Path(rest))
+    try:
+        words = shlex.split(rest)
+    except ValueError as exc:
+        raise ConfigError(f"/video {rest}: {exc}") from None
+    if not words or words[0].startswith("--"):
+        raise ConfigError("/video needs a path: /video PATH [--start T] [--end T] [--num-frames N] [--fps F]")
+    path, options = Path(words[0]), {}
+    flags = {f"--{name.replace('_', '-')}": name for name in FIELDS}
+    items = iter(words[1:])
+    for word in items:
+        name = flags.get(word.split("=")[0])
+        if name is None:
+            raise ConfigError(f"/video: unknown option {word!r} (options: {', '.join(flags)})")
+        value = word.partition("=")[2] if "=" in word else next(items, None)
+        if value is None:
+            raise ConfigError(f"/video: {word} needs a value")
+        try:
+            options[name] = value if name in ("start", "end") else (float(value) if name == "fps" else int(value))
+        except ValueError:
+            raise ConfigError(f"/video: {word} {value!r} is not a number") from None
+    return Clip(path, Sampling.from_options(options, where="/video"))
 
 
 def run_chat(engine: Engine, videos: list[str], settings: GenerationSettings, name: str, note: str | None = None,
-             allow_no_video: bool = False) -> int:
+             allow_no_video: bool = False, sampling: Sampling = Sampling()) -> int:
     """Read messages from stdin until /quit or end of input; a failed turn keeps the history.
-    A question while no video is in the chat is refused unless ``allow_no_video``."""
-    conversation, pending = Conversation(), list(videos)
+    A question while no video is in the chat is refused unless ``allow_no_video``. ``sampling``
+    applies to the ``videos`` given at the start; ``/video`` takes its own."""
+    conversation, pending = Conversation(), [Clip(Path(v), sampling) for v in videos]
     print(f"HiLight chat ({name}). {HELP}")
     if note:
         print(f"({note})")
@@ -39,16 +70,19 @@ def run_chat(engine: Engine, videos: list[str], settings: GenerationSettings, na
         elif command == "/history":
             for m in conversation.messages:
                 print(f"{m.role}> {m.content}")
-            print(f"(videos: {', '.join(str(v) for v in conversation.videos) or 'none'}; pending: "
-                  f"{', '.join(pending) or 'none'})")
+            print(f"(videos: {', '.join(_shown(v) for v in conversation.videos) or 'none'}; pending: "
+                  f"{', '.join(_shown(v) for v in pending) or 'none'})")
         elif command == "/save":
             Path(rest or "chat.json").write_text(json.dumps(conversation.to_json(), indent=1) + "\n")
             print(f"(saved to {rest or 'chat.json'})")
         elif command == "/video":
             try:
-                decode_video(rest, engine.model.config.video)
-                pending.append(rest)
-                print(f"(video {rest} will go with your next message)")
+                clip = parse_video_command(rest)
+                planned = engine.plan(clip)  # a bad file or range is refused now, not with the question
+                pending.append(clip)
+                spans = f" in {len(planned.segments)} segments {' '.join(planned.labels)}" if planned.labels else ""
+                print(f"(video {_shown(clip)} will go with your next message: "
+                      f"{sum(len(s.indices) for s in planned.segments)} frames{spans})")
             except HiLightError as exc:
                 print(f"error: {exc}")
         elif command.startswith("/"):
@@ -69,3 +103,8 @@ def run_chat(engine: Engine, videos: list[str], settings: GenerationSettings, na
                       "--no-video to ask without one)")
             except HiLightError as exc:
                 print(f"\nerror: {exc}")
+
+
+def _shown(clip: Clip) -> str:
+    options = clip.sampling.to_json()
+    return str(clip.path) + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")

@@ -54,6 +54,13 @@ def _settings(args: argparse.Namespace):
     return GenerationSettings.from_request(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.beams)
 
 
+def _sampling(args: argparse.Namespace):
+    from hilight.sampling import Sampling
+
+    return Sampling.from_options({"num_frames": args.num_frames, "fps": args.fps, "max_frames": args.max_frames,
+                                  "start": args.start, "end": args.end}, where="frames")
+
+
 def _warn_if_exposed(host: str) -> None:
     if host not in LOCAL_HOSTS:
         print(f"warning: serving on {host}, reachable from other machines", file=sys.stderr)
@@ -201,17 +208,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_frames(args: argparse.Namespace) -> int:
     """Contact sheet of the frames the model would see."""
-    from dataclasses import replace
-
     from hilight.checkpoint import read_config
     from hilight.video import contact_sheet
 
-    model = read_config(_model_path(args.model)).video  # the model's own sampling, unless asked otherwise
-    asked = {"num_frames": args.num_frames, "image_size": args.image_size, "sampling": args.sampling,
-             "sample_fps": args.fps, "resize": args.resize}
-    cfg = replace(model, **{k: v for k, v in asked.items() if v is not None})
+    cfg = read_config(_model_path(args.model)).video  # the model's own frame size and count
     out = args.out or Path(f"{Path(args.video).stem}-frames.png")
-    contact_sheet(args.video, cfg).save(out)
+    contact_sheet(args.video, cfg, _sampling(args)).save(out)
     print(out)
     return 0
 
@@ -398,7 +400,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     """One question about one or more videos."""
-    from hilight.inference.engine import Conversation, stream_reply
+    from hilight.inference.engine import Clip, Conversation, stream_reply
 
     *videos, question = args.inputs
     if _looks_like_video(question):
@@ -406,13 +408,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
                                 'usage: hilight ask VIDEO... "QUESTION"')
     if not videos and not args.no_video:
         raise NoVideoError('no video given: hilight ask VIDEO... "QUESTION" (or --no-video to ask without one)')
+    sampling = _sampling(args)
     engine = _engine(args)
     _note_domain(_model_path(args.model))
-    conversation = Conversation()
-    answer = "".join(stream_reply(engine, conversation, question, videos, _settings(args),
-                                  allow_no_video=args.no_video)).strip()
+    conversation, usage = Conversation(), {}
+    answer = "".join(stream_reply(engine, conversation, question, [Clip(Path(v), sampling) for v in videos],
+                                  _settings(args), usage=usage, allow_no_video=args.no_video)).strip()
     if args.json:
-        print(json.dumps({"question": conversation.messages[0].content, "videos": videos, "answer": answer}))
+        shown = [{"path": v, **info} for v, info in zip(videos, usage.get("videos", []), strict=True)]
+        print(json.dumps({"question": conversation.messages[0].content, "videos": shown, "answer": answer}))
     else:
         print(answer)
     return 0
@@ -432,8 +436,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     path = _model_path(args.model)
     name = read_card(path).get("name") or path.name
+    sampling = _sampling(args)
     return run_chat(_engine(args), list(args.videos), _settings(args), name, note=domain_note(path),
-                    allow_no_video=args.no_video)
+                    allow_no_video=args.no_video, sampling=sampling)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -594,6 +599,17 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beams", type=int, default=1, help="beam search width (1: none)")
 
 
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("frames read from each video (default: the model's own, over the whole video)")
+    g.add_argument("--num-frames", type=int, metavar="N",
+                   help="frames to read; more than the model's count become several segments, each marked with "
+                        "its time span")
+    g.add_argument("--fps", type=float, help="frames per second to read (at most --max-frames)")
+    g.add_argument("--max-frames", type=int, metavar="N", help="with --fps: read at most this many frames")
+    g.add_argument("--start", metavar="TIME", help="read from this time on (seconds, M:SS or H:MM:SS)")
+    g.add_argument("--end", metavar="TIME", help="read up to this time")
+
+
 def _add_server(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (another than 127.0.0.1 exposes it)")
     p.add_argument("--port", type=int, default=port, help="port to listen on")
@@ -624,11 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--no-video", action="store_true", help="ask the model without any video (text only)")
     _add_generation(p)
+    _add_sampling(p)
 
     p = command("chat", cmd_chat, "interactive chat about videos in the terminal")
     p.add_argument("videos", nargs="*", metavar="VIDEO", help="videos that go with your first message")
     p.add_argument("--no-video", action="store_true", help="allow questions while no video is in the chat")
     _add_generation(p)
+    _add_sampling(p)
 
     p = command("webui", cmd_webui, "Gradio web UI: several videos per conversation, streaming")
     _add_model(p)
@@ -675,13 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output PNG (default: VIDEO-frames.png here)")
     p.add_argument("--model", help="the checkpoint or model name whose sampling is shown (default: the bundled "
                                    "billiards-small); the options below change it")
-    p.add_argument("--num-frames", type=int, help="frames to sample (default: the model's)")
-    p.add_argument("--image-size", type=int, help="side of each frame, pixels (default: the model's)")
-    p.add_argument("--sampling", choices=["uniform", "midpoint", "fps"],
-                   help="uniform over the clip, the middle of equal segments, or at --fps (default: the model's)")
-    p.add_argument("--fps", type=float, help="frames per second for --sampling fps (default: the model's)")
-    p.add_argument("--resize", choices=["squash", "center_crop"],
-                   help="squash to a square, or keep the aspect ratio and crop the centre (default: the model's)")
+    _add_sampling(p)
 
     p = command("info", cmd_info, "parameter counts of a preset, or what a checkpoint holds")
     p.add_argument("path", nargs="?", help="a checkpoint directory or a model name (billiards-small)")

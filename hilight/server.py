@@ -4,7 +4,11 @@
 Messages carry text parts and video parts ``{"type": "video_url", "video_url": {"url": ...}}``
 with ``data:video/...;base64,`` URLs or, when the server was started with an allowed
 directory, ``file://`` paths inside it. Each video part becomes a ``<video>`` at its place in
-the text. Generations run one at a time per model (``max_concurrent``) behind a bounded queue;
+the text. Which frames are read is the model's own choice unless the request asks, in vLLM's
+shapes: ``mm_processor_kwargs`` or ``media_io_kwargs: {"video": {...}}`` for every video, or
+the same keys beside a part's ``url`` for that video alone (``num_frames``, ``fps``,
+``max_frames``, ``start``, ``end``). The response's ``hilight.videos`` says what each video
+was read as: its segments and the time of every frame shown. Generations run one at a time per model (``max_concurrent``) behind a bounded queue;
 a full queue answers 503, a client that disconnects frees its slot.
 """
 
@@ -25,10 +29,12 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from hilight.inference.batching import Batcher, Job
-from hilight.inference.engine import Conversation, Engine, GenerationSettings, place_videos, stream_reply
+from hilight.errors import ConfigError
+from hilight.inference.engine import Clip, Conversation, Engine, GenerationSettings, place_videos, stream_reply
+from hilight.sampling import Sampling
 from hilight.text import VIDEO_TOKEN, ConversationError, Message
 from hilight.video import VideoError
 
@@ -42,6 +48,9 @@ class APIError(Exception):
 
 
 class VideoURL(BaseModel):
+    """A media URL; for a video, sampling options may stand beside it (``start``, ``end``...)."""
+
+    model_config = ConfigDict(extra="allow")
     url: str
 
 
@@ -72,6 +81,9 @@ class ChatRequest(BaseModel):
     # HiLight's own field (OpenAI clients send it with extra_body): answer a conversation that
     # holds no video; without it such a request is refused, never answered blind
     allow_no_video: bool = False
+    # vLLM's per-request media options (extra_body): how every video of the request is sampled
+    mm_processor_kwargs: dict | None = None
+    media_io_kwargs: dict[str, dict] | None = None
 
 
 def _error(exc: APIError) -> JSONResponse:
@@ -174,22 +186,49 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             return path
         raise APIError(400, "video_url: use a data: URL or an allowed file:// path")
 
-    def to_conversation(req: ChatRequest, workdir: Path) -> tuple[Conversation, str, list[Path]]:
-        """Earlier turns become the conversation; the last user message is the new turn."""
-        system, turns, videos = [], [], []
-        for m in req.messages:
+    def request_sampling(req: ChatRequest) -> dict:
+        """The sampling options asked for every video of ``req``."""
+        media = req.media_io_kwargs or {}
+        unknown = sorted(set(media) - {"video", "image"})
+        if unknown:
+            raise APIError(400, f"media_io_kwargs: unknown modality {unknown[0]!r} (video, image)",
+                           param="media_io_kwargs")
+        options = dict(media.get("video") or {})
+        for key, value in (req.mm_processor_kwargs or {}).items():
+            if key in options and options[key] != value:
+                raise APIError(400, f"mm_processor_kwargs.{key} contradicts media_io_kwargs.video.{key}",
+                               param="mm_processor_kwargs")
+            options[key] = value
+        try:
+            Sampling.from_options(options, where="mm_processor_kwargs")
+        except ConfigError as exc:
+            raise APIError(400, str(exc), param="mm_processor_kwargs") from None
+        return options
+
+    def to_conversation(req: ChatRequest, workdir: Path) -> tuple[Conversation, str, list[Clip], list[str]]:
+        """Earlier turns become the conversation; the last user message is the new turn. Also
+        returns how each video of the request is named to its sender (in order)."""
+        shared = request_sampling(req)
+        system, turns, videos, sources = [], [], [], []
+        for i, m in enumerate(req.messages):
             parts = [Part(type="text", text=m.content)] if isinstance(m.content, str) else m.content
             text = []
-            for part in parts:
+            for j, part in enumerate(parts):
                 if part.type == "text":
                     text.append((part.text or "").replace(VIDEO_TOKEN, ""))  # no smuggled markers
                 else:
                     media = part.video_url if part.type == "video_url" else part.image_url
+                    where = f"messages[{i}].content[{j}].{part.type}"
                     if media is None:
-                        raise APIError(400, f"a {part.type} part needs a {part.type} object")
+                        raise APIError(400, f"a {part.type} part needs a {part.type} object", param=where)
                     if m.role != "user":
-                        raise APIError(400, "videos and images may only appear in user messages")
-                    videos.append(video_file(media.url, workdir))
+                        raise APIError(400, "videos and images may only appear in user messages", param=where)
+                    try:
+                        sampling = Sampling.from_options({**shared, **(media.model_extra or {})}, where=where)
+                    except ConfigError as exc:
+                        raise APIError(400, str(exc), param=where) from None
+                    videos.append(Clip(video_file(media.url, workdir), sampling))
+                    sources.append(f"{where} (data: URL)" if media.url.startswith("data:") else media.url)
                     text.append(f"{VIDEO_TOKEN}\n")
             content = "".join(text).strip()
             if m.role == "system":
@@ -202,7 +241,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             turns[0] = Message(turns[0].role, "\n".join(system) + "\n" + turns[0].content)
         last_count = turns[-1].content.count(VIDEO_TOKEN)
         earlier = Conversation(turns[:-1], videos[: len(videos) - last_count])
-        return earlier, turns[-1].content, videos[len(videos) - last_count:]
+        return earlier, turns[-1].content, videos[len(videos) - last_count:], sources
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -220,7 +259,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             if req.model is not None and req.model != name:
                 raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{name}`",
                                param="model")
-            conversation, text, videos = to_conversation(req, workdir)
+            conversation, text, videos, sources = to_conversation(req, workdir)
             if not videos and not conversation.videos and not req.allow_no_video:
                 raise APIError(400, "no video in this conversation: add a video_url part to a user message "
                                     "(or send allow_no_video: true to ask without one)", param="messages")
@@ -228,15 +267,28 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             _cleanup(workdir)
             raise
         cancel = threading.Event()
-        usage: dict = {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}
+        usage: dict = {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0, "videos": []}
+
+        def shown() -> dict:
+            """What each video was read as, named as its sender named it."""
+            return {"videos": [{"source": source, **info} for source, info in zip(sources, usage["videos"],
+                                                                                   strict=False)]}
         chunks: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+
+        by_path = {str(clip.path): source for clip, source in zip([*conversation.videos, *videos], sources,
+                                                                  strict=True)}
+
+        def named(exc: VideoError) -> str:
+            """The user's name for a video, never the server's temp copy of a data: URL."""
+            if exc.path in by_path:
+                return by_path[exc.path]
+            return "a video_url part (data: URL)" if Path(exc.path).parent == workdir else exc.path
 
         def report(exc: BaseException) -> APIError:
             if isinstance(exc, VideoError):
                 # name the user's input, never the server's temp copy of a data: URL
-                where = "a video_url part (data: URL)" if Path(exc.path).parent == workdir else exc.path
-                return APIError(400, f"{where}: {exc.reason}")
+                return APIError(400, f"{named(exc)}: {exc.reason}")
             if isinstance(exc, (ConversationError, ValueError)):
                 return APIError(400, str(exc))
             log.error("generation failed: %r", exc)
@@ -260,8 +312,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                 loop.call_soon_threadsafe(chunks.put_nowait, ("done", None))
             except VideoError as exc:
                 # name the user's input, never the server's temp copy of a data: URL
-                where = "a video_url part (data: URL)" if Path(exc.path).parent == workdir else exc.path
-                loop.call_soon_threadsafe(chunks.put_nowait, ("error", APIError(400, f"{where}: {exc.reason}")))
+                loop.call_soon_threadsafe(chunks.put_nowait, ("error", APIError(400, f"{named(exc)}: {exc.reason}")))
             except (ConversationError, ValueError) as exc:
                 loop.call_soon_threadsafe(chunks.put_nowait, ("error", APIError(400, str(exc))))
             except Exception as exc:  # reported to the client as a 500, logged here
@@ -298,7 +349,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                                  "finish_reason": "stop"}],
-                    "usage": _openai_usage(usage)}
+                    "usage": _openai_usage(usage), "hilight": shown()}
 
         async def events():
             def event(delta: dict, finish: str | None = None) -> str:
@@ -314,6 +365,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                     yield event({"content": piece})
                 final = json.loads(event({}, "stop")[6:])
                 final["usage"] = _openai_usage(usage)
+                final["hilight"] = shown()
                 yield f"data: {json.dumps(final)}\n\n"
             except APIError as exc:
                 yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind, 'code': exc.status}})}\n\n"

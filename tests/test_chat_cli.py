@@ -42,7 +42,12 @@ def test_ask_json(setup):
     engine = Engine.from_checkpoint(model)
     expected = "".join(stream_reply(engine, Conversation(), "Compare <video> with <video>.", clips,
                                     GenerationSettings(10))).strip()
-    assert result["answer"] == expected and result["videos"] == [str(c) for c in clips]
+    assert result["answer"] == expected and [v["path"] for v in result["videos"]] == [str(c) for c in clips]
+    for video in result["videos"]:  # each video's frame times, from the demux pass
+        (segment,) = video["segments"]
+        times = segment["timestamps"]
+        assert len(times) == video["frames"] == engine.model.config.video.num_frames
+        assert times == sorted(times) and times[0] == 0.0 and times[-1] == video["duration"] > 0
 
 
 def test_ask_bad_video_is_one_line(setup):

@@ -286,9 +286,10 @@ def test_decoding_is_bounded_in_time(corpus):
 def test_frames_command_writes_a_contact_sheet(corpus, tmp_path, capsys):
     _, files = corpus
     out = tmp_path / "sheet.png"
-    assert main(["frames", str(files["vp9.webm"]), "--out", str(out), "--num-frames", "8", "--image-size", "224"]) == 0
+    # 16 frames for the bundled model's 8: two segments, one row of 8 each
+    assert main(["frames", str(files["vp9.webm"]), "--out", str(out), "--num-frames", "16"]) == 0
     sheet = Image.open(out)
-    assert sheet.width > 4 * 224 and sheet.height > 2 * 224
+    assert 8 * 160 < sheet.width < 9 * 160 and 2 * 160 < sheet.height < 3 * 160
     # without options: exactly what the (bundled) model sees
     from hilight.checkpoint import BUNDLED_MODEL, read_config
     from hilight.video import contact_sheet

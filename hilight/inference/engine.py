@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from hilight.errors import ConfigError, NoVideoError
+from hilight.errors import ConfigError, NoVideoError, VideoError
 from hilight.files import file_digest, torch_dtype
 from hilight.model import HiLight
 from hilight.sampling import Sampling, Segment, segment_label
@@ -218,7 +218,12 @@ class Engine:
 
     def digest(self, path: str | Path) -> str:
         """Content hash of a video file; an unchanged file (path, size, mtime) is not read again."""
-        stat = Path(path).stat()
+        path = Path(path)
+        if not path.exists():
+            raise VideoError(path, "no such file")
+        if not path.is_file():
+            raise VideoError(path, "not a regular file")
+        stat = path.stat()
         ident = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
         if ident not in self._digests:
             self._digests[ident] = file_digest(path)
