@@ -654,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(p, 7860)
     p.add_argument("--auth", help="require this user:password login")
     p.add_argument("--max-upload-mb", type=int, default=200, help="largest accepted upload, MB")
-    p.add_argument("--max-duration", type=float, default=600.0, help="longest accepted video, seconds")
+    p.add_argument("--max-duration", type=float, default=7200.0, help="longest accepted video, seconds")
 
     p = command("serve", cmd_serve, "OpenAI-compatible HTTP API (/v1/chat/completions)")
     _add_model(p)

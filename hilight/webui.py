@@ -5,7 +5,10 @@ uploaded again is not copied twice), checked (size, duration, decodability) and 
 gallery; a message takes the videos ticked in "videos for this message" (placed where its
 ``<video>`` markers are, or before the text). A new upload is ticked for the next message, and
 the ticks are cleared once a message is answered. A question with no video in the conversation
-is refused. Errors are shown in the page and never drop the conversation or the other videos.
+is refused. The "frames" controls choose how the ticked videos are read (a time range, a frame
+count or a rate; long videos become several segments), and the times of the frames every answer
+was based on are shown beside the frames sheet. Still images are read as one-frame clips.
+Errors are shown in the page and never drop the conversation or the other videos.
 The session copies of uploads are removed when the tab's session ends and when the server stops.
 """
 
@@ -23,7 +26,8 @@ import gradio as gr
 from hilight.checkpoint import read_card
 from hilight.errors import ConfigError, HiLightError, NoVideoError
 from hilight.files import file_digest
-from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.inference.engine import Clip, Conversation, Engine, GenerationSettings, stream_reply
+from hilight.sampling import Sampling, format_time
 from hilight.text import VIDEO_TOKEN
 from hilight.video import VideoError, contact_sheet, decode_video
 
@@ -76,7 +80,28 @@ class Sessions:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 600.0,
+def _sampling(num_frames, fps, max_frames, start, end) -> Sampling:
+    """The frames controls (0 or empty: not asked)."""
+    return Sampling.from_options({"num_frames": int(num_frames) if num_frames else None, "fps": fps or None,
+                                  "max_frames": int(max_frames) if max_frames else None,
+                                  "start": (start or "").strip() or None, "end": (end or "").strip() or None},
+                                 where="frames")
+
+
+def times_text(names: list[str], infos: list[dict]) -> str:
+    """Markdown: the time of every frame an answer was based on, per video and segment."""
+    lines = []
+    for name, info in zip(names, infos, strict=True):
+        several = len(info["segments"]) > 1
+        for k, segment in enumerate(info["segments"]):
+            span = (f" segment {k + 1} [{format_time(segment['start'], True)}-{format_time(segment['end'], True)}]"
+                    if several else "")
+            times = ", ".join(f"{t:.2f}" for t in segment["timestamps"])
+            lines.append(f"- **{name}**{span}: {times} s")
+    return "\n".join(lines)
+
+
+def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 7200.0,
               sessions: Sessions | None = None) -> gr.Blocks:
     names = list(models.paths)
     sessions = sessions or Sessions()
@@ -121,43 +146,56 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
         selected = gr.update(choices=choices, value=added) if added else gr.update(choices=choices)
         return session, selected, gr.update(choices=choices), gallery, status
 
-    def send(message, chosen, history, session, model_name, max_new, temperature, top_p, top_k, beams):
+    def send(message, chosen, history, session, model_name, max_new, temperature, top_p, top_k, beams,
+             num_frames=0, fps=0, max_frames=0, start="", end=""):
         session = session or sessions.new()
         history = list(history or [])
         if not message.strip() and not chosen:
-            yield history, message, session, "type a message", gr.update()
+            yield history, message, session, "type a message", gr.update(), gr.update()
             return
         unknown = [n for n in chosen or [] if n not in session["videos"]]
         if unknown:  # e.g. sent while the upload is still being checked
             gr.Warning(f"{', '.join(unknown)} is not in this session yet; wait for the upload to finish")
-            yield history, message, session, f"error: {', '.join(unknown)} is not uploaded yet", gr.update()
+            yield history, message, session, f"error: {', '.join(unknown)} is not uploaded yet", gr.update(), gr.update()
             return
-        videos = [session["videos"][n] for n in chosen or []]
-        settings = GenerationSettings.from_request(max_new, temperature, top_p, top_k, beams)
         shown = message + (f"\n\n[videos: {', '.join(chosen)}]" if chosen else "")
         history += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
         try:
+            sampling = _sampling(num_frames, fps, max_frames, start, end)
+            videos = [Clip(session["videos"][n], sampling) for n in chosen or []]
+            settings = GenerationSettings.from_request(max_new, temperature, top_p, top_k, beams)
             engine = models.get(model_name)
-            stream = stream_reply(engine, session["conversation"], message, videos, settings)
+            usage: dict = {}
+            stream = stream_reply(engine, session["conversation"], message, videos, settings, usage=usage)
             for chunk in stream:
                 history[-1]["content"] += chunk
-                yield history, "", session, "answering...", gr.update()
+                yield history, "", session, "answering...", gr.update(), gr.update()
+            names = [clip.path.name for clip in session["conversation"].videos]
             # the selection was for this message: the next one starts with none
-            yield history, "", session, f"{len(session['conversation'].messages) // 2} turn(s)", gr.update(value=[])
+            yield (history, "", session, f"{len(session['conversation'].messages) // 2} turn(s)", gr.update(value=[]),
+                   "frames the answer was based on:\n\n" + times_text(names, usage["videos"]))
         except NoVideoError:
             text = "no video in this conversation: upload one and tick it for your message"
             gr.Warning(text)
-            yield history[:-2], message, session, f"error: {text}", gr.update()
+            yield history[:-2], message, session, f"error: {text}", gr.update(), gr.update()
         except HiLightError as exc:
-            gr.Warning(str(exc))
-            yield history[:-2], message, session, f"error: {exc}", gr.update()
+            text = _for_user(exc, session)
+            gr.Warning(text)
+            yield history[:-2], message, session, f"error: {text}", gr.update(), gr.update()
 
-    def frames(name, session):
+    def frames(name, session, num_frames=0, fps=0, max_frames=0, start="", end=""):
         if not session or name not in session["videos"]:
             gr.Warning("pick a video first")
-            return None
+            return None, ""
         engine = models.get(names[0])
-        return contact_sheet(session["videos"][name], engine.model.config.video)
+        try:
+            sampling = _sampling(num_frames, fps, max_frames, start, end)
+            planned = engine.plan(Clip(session["videos"][name], sampling))
+            sheet = contact_sheet(session["videos"][name], engine.model.config.video, sampling)
+        except HiLightError as exc:
+            gr.Warning(_for_user(exc, session))
+            return None, f"error: {_for_user(exc, session)}"
+        return sheet, "sampled frames:\n\n" + times_text([name], [planned.info()])
 
     def reset_chat(session):
         session = session or sessions.new()
@@ -184,12 +222,21 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
         with gr.Row():
             with gr.Column(scale=1):
                 model = gr.Dropdown(names, value=names[0], label="model")
-                uploads = gr.File(file_count="multiple", label=f"upload videos (≤ {max_upload_mb} MB each)")
+                uploads = gr.File(file_count="multiple", label=f"upload videos or images (≤ {max_upload_mb} MB each)")
                 gallery = gr.Gallery(label="videos in this session", columns=3, height=200)
                 with gr.Row():
                     pick = gr.Dropdown([], label="show sampled frames of", scale=3)
                     show = gr.Button("frames", scale=1)
                 sheet = gr.Image(label="what the model sees", type="pil")
+                times = gr.Markdown("")
+                with gr.Accordion("frames for the ticked videos (default: the model's own)", open=False):
+                    with gr.Row():
+                        num_frames = gr.Number(0, precision=0, minimum=0, label="frames (0: the model's)")
+                        fps = gr.Number(0, minimum=0, label="or fps (0: off)")
+                        max_frames = gr.Number(0, precision=0, minimum=0, label="max frames with fps (0: none)")
+                    with gr.Row():
+                        start = gr.Textbox("", label="from (M:SS)", placeholder="0:00")
+                        end = gr.Textbox("", label="to (M:SS)", placeholder="the end")
                 with gr.Accordion("sampling", open=False):
                     max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens")
                     temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy)")
@@ -211,11 +258,12 @@ def build_app(models: Models, max_upload_mb: int = 200, max_duration_s: float = 
 
         app.load(sessions.new, None, session)
         uploads.upload(add_videos, [uploads, session], [session, chosen, pick, gallery, status], api_name="upload")
-        inputs = [message, chosen, chat, session, model, max_new, temperature, top_p, top_k, beams]
-        send_button.click(send, inputs, [chat, message, session, status, chosen], api_name="send")
-        message.submit(send, inputs, [chat, message, session, status, chosen])
+        reading = [num_frames, fps, max_frames, start, end]
+        inputs = [message, chosen, chat, session, model, max_new, temperature, top_p, top_k, beams, *reading]
+        send_button.click(send, inputs, [chat, message, session, status, chosen, times], api_name="send")
+        message.submit(send, inputs, [chat, message, session, status, chosen, times])
         insert.click(lambda text: f"{text}{VIDEO_TOKEN}", message, message)
-        show.click(frames, [pick, session], sheet)
+        show.click(frames, [pick, session, *reading], [sheet, times], api_name="frames")
         clear.click(reset_chat, session, [chat, session, status])
         clear_all.click(reset_all, session, [chat, session, chosen, pick, gallery, status])
         model.change(switch_model, [model, session], [chat, session, status])
@@ -231,6 +279,11 @@ def _card_text(models: Models, name: str) -> str:
     return f"*{card.get('name', name)}* knows **{card['domain']}**."
 
 
+def _for_user(exc: Exception, session: dict) -> str:
+    """An error as the user should read it: uploads by their names, never the session's copies."""
+    return str(exc).replace(str(session["dir"]) + "/", "")
+
+
 def _unique(name: str, taken: dict) -> str:
     stem, suffix, n = Path(name).stem, Path(name).suffix, 2
     candidate = name
@@ -240,7 +293,7 @@ def _unique(name: str, taken: dict) -> str:
 
 
 def launch(models: Models, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           max_upload_mb: int = 200, max_duration_s: float = 600.0, block: bool = True):
+           max_upload_mb: int = 200, max_duration_s: float = 7200.0, block: bool = True):
     """Serve the UI (never through a public share link)."""
     sessions = Sessions()
     app = build_app(models, max_upload_mb, max_duration_s, sessions)

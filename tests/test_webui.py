@@ -10,7 +10,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from hilight.demo import moving_balls_clip  # noqa: E402
-from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply  # noqa: E402
+from hilight.inference.engine import Clip, Conversation, Engine, GenerationSettings, stream_reply  # noqa: E402
+from hilight.sampling import Sampling  # noqa: E402
 from hilight.video import write_video  # noqa: E402
 from hilight.webui import Models, launch  # noqa: E402
 from tests.conftest import free_port, talkative_checkpoint  # noqa: E402
@@ -47,21 +48,25 @@ def test_upload_ask_and_keep_the_conversation_on_errors(ui):
                                           api_name="/upload")
     assert "notes.mp4: not a readable media file" in status
     assert chosen["value"] == ["pool-shot.mp4"]  # the new upload is ticked for the next message
-    history, _, status, chosen = client.predict("What happens here?", ["pool-shot.mp4"], [], "tiny-a", 64, 0, 1, 0,
-                                                1, api_name="/send")
+    history, _, status, chosen, times = client.predict("What happens here?", ["pool-shot.mp4"], [], "tiny-a", 64, 0,
+                                                       1, 0, 1, api_name="/send")
     assert _text(history[-1]) == _expected(ui["root"], ui["clip"], "What happens here?")
     assert "pool-shot.mp4" in _text(history[0]) and status == "1 turn(s)"
     assert chosen["value"] == []  # the ticks were for that message
+    # the answer says which frames it was based on: the tiny model's 4, uniform over the 16
+    engine = Engine.from_checkpoint(ui["root"] / "models" / "tiny-a")
+    info = engine.plan(ui["clip"]).info()
+    assert f"**pool-shot.mp4**: {', '.join(f'{t:.2f}' for t in info['segments'][0]['timestamps'])} s" in times
     # a message whose markers do not match its videos is refused; the conversation stays
-    kept, message, status, _ = client.predict("<video> and <video>?", ["pool-shot.mp4"], history, "tiny-a", 16, 0, 1,
+    kept, message, status, _, _ = client.predict("<video> and <video>?", ["pool-shot.mp4"], history, "tiny-a", 16, 0, 1,
                                               0, 1, api_name="/send")
     assert status.startswith("error") and len(kept) == 2 and message == "<video> and <video>?"
 
 
 def test_a_question_without_any_video_is_refused(ui):
     client = Client(ui["url"], verbose=False)
-    history, message, status, _ = client.predict("What happens here?", [], [], "tiny-a", 16, 0, 1, 0, 1,
-                                                 api_name="/send")
+    history, message, status, _, _ = client.predict("What happens here?", [], [], "tiny-a", 16, 0, 1, 0, 1,
+                                                    api_name="/send")
     assert history == [] and message == "What happens here?"
     assert status.startswith("error: no video in this conversation")
 
@@ -77,9 +82,33 @@ def test_sending_before_an_upload_is_in_the_session_is_an_error_not_a_crash(tmp_
     fns = {fn.name: fn.fn for fn in app.fns.values()}
     session = fns["new"]()  # what the page's load event runs
     replies = list(fns["send"]("Which ball?", ["still-uploading.mp4"], [], session, "tiny-c", 16, 0, 1, 0, 1))
-    history, message, _, status, _ = replies[-1]
+    history, message, _, status, _, _ = replies[-1]
     assert status == "error: still-uploading.mp4 is not uploaded yet" and history == [] and message == "Which ball?"
     sessions.close()
+
+
+def test_frames_controls_read_a_range_in_segments_and_show_the_times(ui):
+    """The frames controls: 8 frames over 0.5-1.5 s are two 4-frame segments for the tiny model;
+    the sheet shows them and the times listed are the frames' real times; a bad range is one
+    error line naming the upload, and the conversation goes on."""
+    client = Client(ui["url"], verbose=False)
+    client.predict([handle_file(str(ui["clip"]))], api_name="/upload")
+    sheet, times = client.predict("pool-shot.mp4", 8, 0, 0, "0:00.5", "1.5", api_name="/frames")
+    assert sheet is not None and times.count("segment") == 2
+    assert "segment 1 [0:00.5-" in times and "-0:01.5]" in times
+    history, _, status, _, times = client.predict("What happens here?", ["pool-shot.mp4"], [], "tiny-a", 16, 0, 1, 0,
+                                                  1, 8, 0, 0, "0:00.5", "1.5", api_name="/send")
+    engine = Engine.from_checkpoint(ui["root"] / "models" / "tiny-a")
+    clip = Clip(ui["clip"], Sampling(num_frames=8, start=0.5, end=1.5))
+    assert _text(history[-1]) == "".join(stream_reply(engine, Conversation(), "What happens here?", [clip],
+                                                      GenerationSettings(16))).strip()
+    shown = [float(t) for line in times.splitlines() if "segment" in line
+             for t in line.split(": ")[1].removesuffix(" s").split(", ")]
+    assert len(shown) == 8 and all(0.5 <= t <= 1.5 for t in shown) and shown == sorted(shown)
+    kept, _, status, _, _ = client.predict("And later?", ["pool-shot.mp4"], history, "tiny-a", 16, 0, 1, 0, 1, 0, 0, 0,
+                                           "9:00", "", api_name="/send")
+    assert status.startswith("error: pool-shot.mp4: the range starts at 9:00.0, after the end of the video")
+    assert len(kept) == 2
 
 
 def test_uploads_are_kept_once_and_removed_with_the_session(tmp_path, tokenizer):
