@@ -6,7 +6,8 @@ import openai
 import pytest
 
 from hilight.demo import moving_balls_clip
-from hilight.inference.engine import Conversation, Engine, GenerationSettings, stream_reply
+from hilight.inference.engine import Clip, Conversation, Engine, GenerationSettings, stream_reply
+from hilight.sampling import Sampling
 from hilight.server import create_app
 from hilight.video import write_video
 from tests.conftest import LocalServer, talkative_checkpoint
@@ -158,6 +159,87 @@ def test_an_image_url_part_is_a_one_frame_clip(served, tmp_path):
     reply = served["client"].chat.completions.create(model="tiny-test", max_tokens=6, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
     assert reply.choices[0].message.content == _expected(served["engine"], "What is this?", [image], 6)
+
+
+def _video_part(path, **options) -> dict:
+    return {"type": "video_url", "video_url": {"url": _data_url(path), **options}}
+
+
+def _post(served, content, **body):
+    return httpx.post(served["url"] + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny-test", "max_tokens": 6, "messages": [{"role": "user", "content": content}],
+                            **body})
+
+
+@pytest.mark.parametrize("body, part, asked", [
+    ({"mm_processor_kwargs": {"num_frames": 8}}, {}, Sampling(num_frames=8)),
+    ({"media_io_kwargs": {"video": {"num_frames": 8}}}, {}, Sampling(num_frames=8)),
+    ({}, {"num_frames": 8}, Sampling(num_frames=8)),
+    ({"mm_processor_kwargs": {"num_frames": 8, "start": 0}}, {"end": "0:01.5"}, Sampling(num_frames=8, start=0, end=1.5)),
+])
+def test_sampling_asked_in_vllms_shapes_or_per_part(served, body, part, asked):
+    """Every way of asking for 8 frames gives the same answer as the engine reading the video so,
+    and the response says what each video was read as: segments and frame times."""
+    clip = served["clips"][0]
+    r = _post(served, [_video_part(clip, **part), {"type": "text", "text": "What happens?"}], **body)
+    assert r.status_code == 200, r.text
+    expected = "".join(stream_reply(served["engine"], Conversation(), "What happens?",
+                                    [Clip(clip, asked)], GenerationSettings(6)))
+    assert r.json()["choices"][0]["message"]["content"] == expected.strip()
+    (video,) = r.json()["hilight"]["videos"]
+    assert video["source"] == "messages[0].content[0].video_url (data: URL)" and video["frames"] == 8
+    assert video["sampling"] == asked.to_json()
+    assert len(video["segments"]) == 2 and video["segments"][0]["start"] == 0.0 and video["segments"][1]["end"] == 1.5
+    times = [t for s in video["segments"] for t in s["timestamps"]]
+    assert times == sorted(times) and len(times) == 8
+
+
+def test_streaming_ends_with_what_each_video_was_read_as(served):
+    root = served["root"]
+    stream = served["client"].chat.completions.create(
+        model="tiny-test", max_tokens=6, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": f"file://{root}/clip1.mp4", "start": 0.5}},
+            {"type": "text", "text": "What happens?"}]}])
+    chunks = list(stream)
+    (video,) = chunks[-1].model_dump()["hilight"]["videos"]
+    assert video["source"] == f"file://{root}/clip1.mp4" and video["sampling"] == {"start": 0.5}
+    assert video["segments"][0]["timestamps"][0] == 0.5
+
+
+@pytest.mark.parametrize("body, part, param, fragment", [
+    ({"mm_processor_kwargs": {"fps": 0}}, {}, "mm_processor_kwargs", "fps must be a number > 0"),
+    ({"mm_processor_kwargs": {"do_sample_frames": True}}, {}, "mm_processor_kwargs", "unknown option 'do_sample_frames'"),
+    ({"media_io_kwargs": {"audio": {}}}, {}, "media_io_kwargs", "unknown modality 'audio'"),
+    ({"mm_processor_kwargs": {"num_frames": 8}, "media_io_kwargs": {"video": {"num_frames": 4}}}, {},
+     "mm_processor_kwargs", "contradicts"),
+    ({}, {"num_frames": 0}, "messages[0].content[0].video_url", "num_frames must be between 1 and"),
+    ({}, {"start": 3, "end": 2}, "messages[0].content[0].video_url", "before it starts"),
+    ({}, {"start": "9:00"}, None, "messages[0].content[0].video_url (data: URL): the range starts at 9:00.0"),
+    ({}, {"num_frames": 1024}, None, "exceed the model's context"),
+])
+def test_bad_sampling_is_a_400_naming_the_parameter(served, body, part, param, fragment):
+    r = _post(served, [_video_part(served["clips"][0], **part), {"type": "text", "text": "What happens?"}], **body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["param"] == param
+    assert "hilight-req-" not in error["message"] and "/tmp" not in error["message"]
+
+
+def test_images_and_videos_mix_in_one_request(served, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "table.png"
+    Image.new("RGB", (64, 48), (20, 120, 40)).save(image)
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    r = _post(served, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Is it in "},
+                       _video_part(served["clips"][1]), {"type": "text", "text": "?"}])
+    assert r.status_code == 200, r.text
+    expected = _expected(served["engine"], "<video>\nIs it in <video>\n?", [image, served["clips"][1]], 6)
+    assert r.json()["choices"][0]["message"]["content"] == expected
+    picture, video = r.json()["hilight"]["videos"]
+    assert picture["total_frames"] == 1 and set(picture["segments"][0]["timestamps"]) == {0.0}
+    assert video["total_frames"] == 16
 
 
 def test_waiting_requests_are_generated_together_with_the_same_answers(tokenizer, tmp_path):
