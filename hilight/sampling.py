@@ -14,7 +14,10 @@ The rules, over the frames inside the asked range (every frame, when none is ask
 - ``num_frames`` N <= T: N frames spread uniformly, each shown ``T / N`` times (one segment);
 - N > T: ``ceil(N / T) * T`` frames spread uniformly (N rounded up to whole segments), cut
   into segments of ``T`` in time order;
-- ``fps`` F: N = (range length x F) frames, at most ``max_frames``, then as above.
+- ``fps`` F: the frames nearest to ``0, 1/F, 2/F ...`` seconds inside the range, in segments
+  aligned to that grid from the video's start (segment j: grid frames ``jT ... jT+T-1``), so a
+  follow-up at the same rate over another range reuses every segment both cover; more than
+  ``max_frames`` of them: ``max_frames`` spread over the range as for ``num_frames``.
 
 A still image (or any one-frame file) is one segment of its one frame, whatever is asked.
 """
@@ -166,13 +169,13 @@ def plan_segments(times: list[float], frames_per_segment: int, sampling: Samplin
     if hi <= lo:
         raise VideoError(path, f"no frame between {format_time(start, True)} and {format_time(end, True)}")
     inside = hi - lo
-    if sampling.num_frames is not None:
-        wanted = sampling.num_frames
-    elif sampling.fps is not None:
-        wanted = max(1, round((end - start) * sampling.fps))
-        wanted = min(wanted, sampling.max_frames or wanted)
+    if sampling.fps is not None:
+        grid = _on_grid(times, start, end, sampling.fps, t, sampling.max_frames)
+        if grid is not None:
+            return grid
+        wanted = sampling.max_frames or 1  # over the cap (or under one frame): spread over the range
     else:
-        wanted = t  # a range alone: the model's frame count over it
+        wanted = sampling.num_frames or t  # a range alone: the model's frame count over it
     if wanted <= t:
         distinct = [lo + i for i in _spread(inside, wanted)]
         return [Segment(tuple(distinct[k] for k in _spread(wanted, t)), start, end)]
@@ -181,6 +184,30 @@ def plan_segments(times: list[float], frames_per_segment: int, sampling: Samplin
     chunks = [picks[k * t:(k + 1) * t] for k in range(count)]
     bounds = [start] + [times[c[0]] for c in chunks[1:]] + [end]
     return [Segment(tuple(c), bounds[k], bounds[k + 1]) for k, c in enumerate(chunks)]
+
+
+def _on_grid(times: list[float], start: float, end: float, fps: float, t: int,
+             max_frames: int | None) -> list[Segment] | None:
+    """Frames at ``k / fps`` seconds (from the video's start) inside the range, each the nearest
+    frame; segment ``j`` holds grid frames ``j*T ... j*T + T - 1``, so two requests at the same
+    rate share every segment both cover whole (cached once); a segment cut by the range's ends
+    shows its frames repeated to T. None if the grid has no frame in the range, or more than
+    ``max_frames``."""
+    first, last = math.ceil(start * fps - 1e-6), math.floor(end * fps + 1e-6)
+    if last < first or (max_frames is not None and last - first + 1 > max_frames):
+        return None
+    segments = []
+    for j in range(first // t, last // t + 1):
+        ks = range(max(first, j * t), min(last, j * t + t - 1) + 1)
+        frames = [_nearest(times, k / fps) for k in ks]
+        span = (max(start, j * t / fps), min(end, (j + 1) * t / fps))
+        segments.append(Segment(tuple(frames[i] for i in _spread(len(frames), t)), *span))
+    return segments
+
+
+def _nearest(times: list[float], target: float) -> int:
+    i = int(np.searchsorted(times, target))
+    return min((j for j in (i - 1, i) if 0 <= j < len(times)), key=lambda j: (abs(times[j] - target), j))
 
 
 def _spread(available: int, wanted: int) -> list[int]:

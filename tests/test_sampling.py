@@ -67,6 +67,17 @@ def test_fps_reads_that_rate_up_to_max_frames():
     assert len(_plan(Sampling(fps=0.5))) == 1
 
 
+def test_fps_segments_sit_on_a_grid_so_another_range_reuses_them():
+    times = [i / 10 for i in range(48)]  # 4.7 s
+    early = _plan(Sampling(fps=2, end=2.0), times=times)
+    assert [s.indices for s in early] == [(0, 5, 10, 15), (20, 20, 20, 20)]  # 0.0, 0.5 ... 2.0 s
+    longer = _plan(Sampling(fps=2, end=4.0), times=times)
+    assert longer[0] == early[0] and [s.indices for s in longer[1:]] == [(20, 25, 30, 35), (40, 40, 40, 40)]
+    later = _plan(Sampling(fps=2, start=2.2, end=4.0), times=times)  # cut by the range: its frames repeated
+    assert [s.indices for s in later] == [(25, 25, 30, 35), (40, 40, 40, 40)]
+    assert (later[0].start, later[0].end, later[1].start) == (2.2, 4.0, 4.0)
+
+
 def test_a_still_image_is_one_segment_whatever_is_asked():
     assert _plan(Sampling(num_frames=40, start=3), times=[0.0]) == _plan(Sampling(), times=[0.0])
 
@@ -174,6 +185,10 @@ def test_a_follow_up_about_another_range_encodes_only_the_new_segments(setup):
     # a new conversation asking the first again: all cached
     list(stream_reply(engine, Conversation(), "What happens?", [Clip(clip, Sampling(num_frames=8))], settings))
     assert calls.clips == [2, 2]
+    # at a rate, segments sit on a grid: a longer range encodes only the segments that are new
+    list(stream_reply(engine, conversation, "At 2 fps?", [Clip(clip, Sampling(fps=2, end=2.0))], settings))
+    list(stream_reply(engine, conversation, "And to 4 s?", [Clip(clip, Sampling(fps=2, end=4.0))], settings))
+    assert calls.clips == [2, 2, 2, 2]
 
 
 def test_segment_answers_match_a_fresh_prefill(setup):
