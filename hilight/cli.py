@@ -329,7 +329,7 @@ def _count(group: str, n: int) -> str:
 def cmd_extract(args: argparse.Namespace) -> int:
     """Cache both towers' outputs once per unique video (shardable across processes)."""
     from hilight.checkpoint import load_checkpoint
-    from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
+    from hilight.data import FeatureCache, extract_features, read_records, record_blocks, tower_identity
     from hilight.files import torch_dtype
 
     model, _ = load_checkpoint(args.model, with_tokenizer=False)
@@ -338,7 +338,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     for data in args.data:
         for record in read_records(data):
             try:
-                videos += record_videos(record, args.videos)
+                videos += record_blocks(record, args.videos, model.config.video)
             except HiLightError as exc:
                 print(f"skipping record {record.get('id')}: {exc}", file=sys.stderr)
     cache = FeatureCache(args.out, tower_identity(model))

@@ -1,10 +1,13 @@
 """Training data: LLaVA-style records, their validation, the tower-feature cache, batching.
 
 Records are ``{"id", "video": name or [names], "conversations": [{"from", "value"}...]}``
-with one ``<video>`` per video. Because the towers are frozen, their outputs are computed
-once per video (``hilight extract-features``) and stored as safetensors under a key made of
-the video's content hash, the preprocessing settings and the towers' weights, so a changed
-tower or setting never reuses stale features.
+with one ``<video>`` per video, and optionally ``"sampling"`` (``{"num_frames": 24}``, ``{"fps":
+2, "start": 3}``..., one for all videos or a list with one per video): a video sampled so is read
+in segments with their time-span markers, exactly as :mod:`hilight.sampling` reads it at
+inference. Because the towers are frozen, their outputs are computed once per video (or
+segment; ``hilight extract-features``) and stored as safetensors under a key made of the
+video's content hash, the preprocessing settings and the towers' weights (and a segment's frame
+numbers), so a changed tower or setting never reuses stale features.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from hilight.errors import DataError
+from hilight.errors import DataError, HiLightError
 from hilight.files import file_digest
 from hilight.model import HiLight, TowerOutputs
+from hilight.sampling import record_sampling, segment_label
 from hilight.text import VIDEO_TOKEN, ChatTokenizer, ConversationError, Encoded, collate, from_llava
-from hilight.video import VIDEO_SUFFIXES, VideoError, load_video
+from hilight.video import VIDEO_SUFFIXES, VideoError, decode_frames, load_video, plan_video, preprocess, probe_video
+
+Frames = tuple[int, ...] | None  # a segment's frame numbers, or None: the video read the model's own way
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,14 @@ class Sample:
     id: str
     encoded: Encoded
     videos: list[Path]  # only those whose <video> block survived truncation
+    segments: list[list[tuple[int, ...]] | None] | None = None  # per video: its segments' frames, or None
+
+    def blocks(self) -> list[tuple[Path, Frames]]:
+        """The visual blocks in reading order: (video, None) for a video read the model's own
+        way, (video, frames) for each segment of a sampled one."""
+        segments = self.segments or [None] * len(self.videos)
+        return [(v, f) for v, segs in zip(self.videos, segments, strict=True)
+                for f in ([None] if segs is None else segs)]
 
 
 @dataclass
@@ -96,9 +110,27 @@ def pickled_frames_reason(path: Path) -> str:
     return f"no such file (nor a video named {path.stem}.*; pickled frames are never read)"
 
 
+def record_layout(record: dict, videos: list[Path], video_cfg) -> tuple[list, list]:
+    """Per video of a record: its segment labels (None for one block) and its segments' frame
+    numbers (None when read the model's own way)."""
+    layouts, segments = [], []
+    for video, sampling in zip(videos, record_sampling(record, len(videos)), strict=True):
+        if sampling.is_default:
+            layouts.append(None)
+            segments.append(None)
+            continue
+        if video_cfg is None:
+            raise ConversationError("'sampling' needs the model's video settings")
+        index, planned = plan_video(video, video_cfg, sampling)
+        layouts.append([segment_label(p, index.duration) for p in planned] if len(planned) > 1 else None)
+        segments.append([p.indices for p in planned])
+    return layouts, segments
+
+
 def encode_records(records: list[dict], video_dir: Path, chat: ChatTokenizer, max_length: int,
-                   truncation: str) -> tuple[list[Sample], list[BadSample]]:
-    """Tokenize every record; malformed or over-long ones become :class:`BadSample`."""
+                   truncation: str, video_cfg=None) -> tuple[list[Sample], list[BadSample]]:
+    """Tokenize every record; malformed or over-long ones become :class:`BadSample`. Records
+    with ``sampling`` need ``video_cfg`` (the model's video settings) and are never truncated."""
     samples, bad = [], []
     for n, rec in enumerate(records):
         rid = str(rec.get("id", n)) if isinstance(rec, dict) else str(n)
@@ -110,9 +142,12 @@ def encode_records(records: list[dict], video_dir: Path, chat: ChatTokenizer, ma
             markers = sum(m.content.count(VIDEO_TOKEN) for m in messages)
             if markers != len(videos):
                 raise ConversationError(f"{len(videos)} video(s) but {markers} {VIDEO_TOKEN} marker(s)")
-            encoded = chat.encode(messages, max_length=max_length, truncation=truncation)
-            samples.append(Sample(rid, encoded, videos[: encoded.num_videos]))
-        except ConversationError as exc:
+            layouts, segments = record_layout(rec, videos, video_cfg)
+            sampled = any(s is not None for s in segments)
+            encoded = chat.encode(messages, max_length=max_length, truncation="error" if sampled else truncation,
+                                  layouts=layouts)
+            samples.append(Sample(rid, encoded, videos[: encoded.num_videos], segments if sampled else None))
+        except HiLightError as exc:
             bad.append(BadSample(rid, str(exc)))
     return samples, bad
 
@@ -142,35 +177,49 @@ class FeatureCache:
         self.identity = identity
         self._digests: dict[Path, str] = {}
 
-    def key(self, video: Path) -> str:
+    def key(self, video: Path, frames: Frames = None) -> str:
         if video not in self._digests:
             self._digests[video] = file_digest(video)
-        return hashlib.sha256(f"{self._digests[video]}:{self.identity}".encode()).hexdigest()[:40]
+        segment = "" if frames is None else ":" + ",".join(map(str, frames))
+        return hashlib.sha256(f"{self._digests[video]}:{self.identity}{segment}".encode()).hexdigest()[:40]
 
-    def path(self, video: Path) -> Path:
-        return self.root / f"{self.key(video)}.safetensors"
+    def path(self, video: Path, frames: Frames = None) -> Path:
+        return self.root / f"{self.key(video, frames)}.safetensors"
 
-    def has(self, video: Path) -> bool:
-        return video.is_file() and self.path(video).is_file()
+    def has(self, video: Path, frames: Frames = None) -> bool:
+        return video.is_file() and self.path(video, frames).is_file()
 
-    def load(self, video: Path) -> TowerOutputs:
-        tensors = self.load_tensors(video)
+    def load(self, video: Path, frames: Frames = None) -> TowerOutputs:
+        tensors = self.load_tensors(video, frames)
         return TowerOutputs(video=tensors["video"], image=tensors["image"])
 
-    def store(self, video: Path, towers: TowerOutputs, dtype: torch.dtype) -> None:
-        self.store_tensors(video, {"video": towers.video.to(dtype), "image": towers.image.to(dtype)})
+    def store(self, video: Path, towers: TowerOutputs, dtype: torch.dtype, frames: Frames = None) -> None:
+        self.store_tensors(video, {"video": towers.video.to(dtype), "image": towers.image.to(dtype)}, frames)
 
-    def load_tensors(self, video: Path) -> dict[str, torch.Tensor]:
-        return load_file(self.path(video))
+    def load_tensors(self, video: Path, frames: Frames = None) -> dict[str, torch.Tensor]:
+        return load_file(self.path(video, frames))
 
-    def store_tensors(self, video: Path, tensors: dict[str, torch.Tensor]) -> None:
+    def store_tensors(self, video: Path, tensors: dict[str, torch.Tensor], frames: Frames = None) -> None:
         """Write atomically (temp file + rename), so a killed run never leaves half a file."""
         self.root.mkdir(parents=True, exist_ok=True)
-        target = self.path(video)
+        target = self.path(video, frames)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"source": video.name, "identity": self.identity})
+        metadata = {"source": video.name, "identity": self.identity}
+        if frames is not None:
+            metadata["frames"] = ",".join(map(str, frames))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, target)
+
+
+def block_pixels(video: Path, frames: Frames, video_cfg, indexes: dict | None = None) -> torch.Tensor:
+    """The towers' input [T, 3, S, S] of one block: the video read the model's own way, or the
+    given frames of it (``indexes`` keeps each file's demux pass)."""
+    if frames is None:
+        return load_video(video, video_cfg)
+    indexes = {} if indexes is None else indexes
+    if video not in indexes:
+        indexes[video] = probe_video(video, video_cfg)
+    return preprocess(decode_frames(video, indexes[video], list(frames), video_cfg).frames, video_cfg)
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -178,27 +227,40 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
-def extract_features(model: HiLight, videos: list[Path], cache: FeatureCache, dtype: torch.dtype,
+def extract_features(model: HiLight, videos: list, cache: FeatureCache, dtype: torch.dtype,
                      rank: int = 0, world: int = 1) -> dict[str, list]:
-    """Run both towers once per video of this rank's share; skip cached ones; report bad ones."""
-    unique = sorted(set(videos))
+    """Run both towers once per block of this rank's share (a video, or ``(video, frames)`` for
+    one segment of it); skip cached ones; report bad ones."""
+    blocks = {(v, None) if isinstance(v, Path) else (Path(v[0]), v[1]) for v in videos}
+    unique = sorted(blocks, key=lambda b: (str(b[0]), b[1] or ()))
     mine = shard(unique, rank, world)
     done, skipped, bad = [], [], []
     device = next(model.parameters()).device
-    for video in tqdm(mine, desc=f"features (rank {rank}/{world})", unit="video", disable=rank != 0 and world > 1):
+    indexes: dict = {}
+    for video, frames in tqdm(mine, desc=f"features (rank {rank}/{world})", unit="block",
+                              disable=rank != 0 and world > 1):
+        item = video if frames is None else (video, frames)
         try:
-            if cache.has(video):
-                skipped.append(video)
+            if cache.has(video, frames):
+                skipped.append(item)
                 continue
-            pixels = load_video(video, model.config.video).unsqueeze(0).to(device)
+            pixels = block_pixels(video, frames, model.config.video, indexes).unsqueeze(0).to(device)
             with torch.inference_mode():
                 towers = model.encode_videos(pixels)
-            cache.store(video, TowerOutputs(towers.video[0].cpu(), towers.image[0].cpu()), dtype)
-            done.append(video)
+            cache.store(video, TowerOutputs(towers.video[0].cpu(), towers.image[0].cpu()), dtype, frames)
+            done.append(item)
         except (VideoError, OSError) as exc:
             bad.append((str(video), str(exc)))
             log.warning("skipped %s", exc)
-    return {"extracted": done, "cached": skipped, "bad": bad, "assigned": mine}
+    return {"extracted": done, "cached": skipped, "bad": bad,
+            "assigned": [v if f is None else (v, f) for v, f in mine]}
+
+
+def record_blocks(record: dict, video_dir: Path, video_cfg) -> list[tuple[Path, Frames]]:
+    """Every visual block a record's sample needs (what :func:`extract_features` caches)."""
+    videos = record_videos(record, video_dir)
+    _, segments = record_layout(record, videos, video_cfg)
+    return Sample("", Encoded([], [], 0), videos, segments if any(s is not None for s in segments) else None).blocks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,19 +285,21 @@ class VideoQADataset(Dataset):
                 reason = (pickled_frames_reason(missing[0]) if missing[0].suffix.lower() == PICKLED_FRAMES
                           else f"missing video {missing[0]}")
                 self.bad.append(BadSample(s.id, reason))
-            elif cache is not None and not all(cache.has(v) for v in s.videos):
+            elif cache is not None and not all(cache.has(v, f) for v, f in s.blocks()):
                 self.bad.append(BadSample(s.id, "video not in the feature cache (undecodable or not extracted)"))
             else:
                 self.samples.append(s)
+        self._indexes: dict = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Encoded, list]:
+        """The sample's tokens and one entry per visual block (a video, or a segment of one)."""
         s = self.samples[i]
         if self.cache is not None:
-            return s.encoded, [self.cache.load(v) for v in s.videos]
-        return s.encoded, [load_video(v, self.video_cfg) for v in s.videos]
+            return s.encoded, [self.cache.load(v, f) for v, f in s.blocks()]
+        return s.encoded, [block_pixels(v, f, self.video_cfg, self._indexes) for v, f in s.blocks()]
 
 
 def collate_samples(batch: list[tuple[Encoded, list]], pad_id: int) -> dict:
@@ -279,7 +343,7 @@ def check_dataset(records: list[dict], video_dir: Path, chat: ChatTokenizer, max
     the token ``lengths`` of the usable samples."""
     from hilight.video import decode_video
 
-    samples, bad_samples = encode_records(records, video_dir, chat, max_length, "error")
+    samples, bad_samples = encode_records(records, video_dir, chat, max_length, "error", video_cfg)
     names = {str(r.get("id", n)) if isinstance(r, dict) else str(n): r.get("video") if isinstance(r, dict) else None
              for n, r in enumerate(records)}
     bad = [{"id": b.id, "videos": names.get(b.id), "reason": b.reason} for b in bad_samples]

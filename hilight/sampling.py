@@ -28,6 +28,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -133,6 +134,35 @@ class Sampling:
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A video (or still image) file and how to sample it: the model's own way by default."""
+
+    path: Path
+    sampling: Sampling = Sampling()
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def as_clip(video: str | Path | Clip) -> Clip:
+    return video if isinstance(video, Clip) else Clip(Path(video))
+
+
+def record_sampling(record: dict, count: int) -> list[Sampling]:
+    """The sampling of each of a training or evaluation record's ``count`` videos: its
+    ``sampling`` field, one object for all of them or a list with one per video (absent: the
+    model's own)."""
+    value = record.get("sampling")
+    if value is None:
+        return [Sampling()] * count
+    if isinstance(value, list):
+        if len(value) != count:
+            raise ConfigError(f"'sampling' has {len(value)} entries for {count} video(s)")
+        return [Sampling.from_options(v, where="sampling") for v in value]
+    return [Sampling.from_options(value, where="sampling")] * count
 
 
 @dataclass(frozen=True)

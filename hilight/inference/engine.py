@@ -24,7 +24,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, T
 from hilight.errors import ConfigError, NoVideoError, VideoError
 from hilight.files import file_digest, torch_dtype
 from hilight.model import HiLight
-from hilight.sampling import Sampling, Segment, segment_label
+from hilight.sampling import Clip, Segment, as_clip, segment_label
 from hilight.text import (VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Encoded, Message,
                           collate)
 from hilight.video import FrameIndex, decode_frames, plan_video, preprocess
@@ -126,21 +126,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     from hilight.inference.quantize import cpu_has_native_bf16
 
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-@dataclass(frozen=True)
-class Clip:
-    """A video (or still image) file and how to sample it: the model's own way by default."""
-
-    path: Path
-    sampling: Sampling = Sampling()
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
-def as_clip(video: str | Path | Clip) -> Clip:
-    return video if isinstance(video, Clip) else Clip(Path(video))
 
 
 @dataclass

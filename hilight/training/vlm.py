@@ -55,7 +55,9 @@ class WithAuxiliary(nn.Module):
         embeds = self.model.video_embeddings(towers) if towers is not None else None
         loss = torch.zeros((), device=batch["input_ids"].device)
         if embeds is not None and targets is not None:
-            loss = loss + self.auxiliary_weight * self.auxiliary.loss(embeds, targets)
+            targets = dict(targets)
+            rows = targets.pop("rows")  # the blocks the objective has targets for (not a video's segments)
+            loss = loss + self.auxiliary_weight * self.auxiliary.loss(embeds[rows], targets)
         if self.lm_weight:
             out = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], video_embeds=embeds)
             loss = loss + self.lm_weight * out.loss
@@ -96,7 +98,8 @@ def save_final(model: HiLight, tokenizer, cfg: TrainConfig, out: Path) -> Path:
 
 
 def _dataset(path: str, cfg: TrainConfig, chat: ChatTokenizer, model: HiLight, cache: FeatureCache | None):
-    samples, bad = encode_records(read_records(path), Path(cfg.data.videos), chat, cfg.max_length, cfg.truncation)
+    samples, bad = encode_records(read_records(path), Path(cfg.data.videos), chat, cfg.max_length, cfg.truncation,
+                                  model.config.video)
     return VideoQADataset(samples, model.config.video, cache, bad)
 
 
@@ -128,7 +131,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     auxiliary = None
     if cfg.auxiliary.objective:
         auxiliary = objective_class(cfg.auxiliary.objective)(cfg.auxiliary.data, Path(cfg.data.videos), model.config)
-        missing = auxiliary.missing([v for s in train_set.samples for v in s.videos])
+        missing = auxiliary.missing([v for s in train_set.samples for v, f in s.blocks() if f is None])
         if missing:
             raise DataError(f"{', '.join(cfg.auxiliary.data)}: no auxiliary targets for {missing[0].name} "
                             f"({len(set(missing))} training video(s) without)")
@@ -137,8 +140,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         trainee = WithAuxiliary(model, auxiliary, cfg.lm_weight, cfg.auxiliary.weight)
 
     def targets(samples) -> dict | None:
-        found = auxiliary.targets([v for s in samples for v in s.videos])
-        return None if found is None else {k: v.to(accelerator.device) for k, v in found.items()}
+        """The objective's targets for the blocks of whole videos (segments of a sampled video
+        have none), and ``rows``: where those blocks are among the batch's."""
+        blocks = [b for s in samples for b in s.blocks()]
+        rows = [i for i, (_, frames) in enumerate(blocks) if frames is None]
+        found = auxiliary.targets([blocks[i][0] for i in rows]) if rows else None
+        if found is None:
+            return None
+        return {**{k: v.to(accelerator.device) for k, v in found.items()},
+                "rows": torch.tensor(rows, device=accelerator.device)}
 
     def loss_of(module, dataset, indices: list[int]) -> torch.Tensor:
         batch = _to(collate_samples([dataset[i] for i in indices], chat.pad_id), accelerator.device)
