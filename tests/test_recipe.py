@@ -13,7 +13,7 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
     from hilight.recipes.billiards_small.questions import INVENTORY_QUESTIONS
     from hilight.recipes.billiards_small.recipe import RecipeError, billiards_small, bundle, load_recipe
 
-    cfg = load_recipe(None, ["seed=1", "clips=10", "align_steps=2", "image_align_steps=2", "stage1_steps=2",
+    cfg = load_recipe(None, ["seed=1", "clips=10", "long_clips=3", "align_steps=2", "image_align_steps=2", "stage1_steps=2",
                              "stage2_steps=2", "batch_size=4", "vocab_size=400"])
     summary = billiards_small(tmp_path / "run", cfg, workers=1)
     assert list(summary["seconds"]) == ["1 data", "2 tokenizer + model", "3 align video tower", "4 align image tower",
@@ -40,7 +40,11 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
     questions, stage2 = (read_records(p) for p in (tmp_path / "run" / "data" / "train.json",
                                                    tmp_path / "run" / "stage2-train.json"))
     inventory = [r for r in stage2 if r["meta"]["types"][0] in INVENTORY_QUESTIONS]
-    assert len(stage2) == len(questions) + 3 * 8 and len(inventory) == 3 * 8
+    long = read_records(tmp_path / "run" / "data" / "train-long.json")
+    assert len(stage2) == len(questions) + 3 * 8 + len(long) and len(inventory) == 3 * 8 and long
+    # the long clips' test questions are read in segments, with a first-segment-only baseline
+    long_report = json.loads((tmp_path / "run" / "report-long" / "report.json").read_text())
+    assert summary["accuracy"]["long_clips"] == long_report["overall"] and "first_segment" in long_report["overall"]
     from hilight.checkpoint import load_checkpoint
 
     bundle(tmp_path / "run", tmp_path / "asset", tmp_path / "examples", count=2)
@@ -49,6 +53,8 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
     card = json.loads((tmp_path / "asset" / "card.json").read_text())
     assert card["name"] == "billiards-small" and card["accuracy"]["single-video questions"] == \
         round(report["single_video"]["accuracy"], 3)
+    assert card["accuracy"]["long-clip questions (read in segments)"] == round(long_report["overall"]["accuracy"], 3)
+    assert "long-clip first segment" in card["baselines"]
     assert 1 <= len(list((tmp_path / "examples").glob("*.mp4"))) <= 2  # the toy test split may hold one clip
     assert set(json.loads((tmp_path / "examples" / "truth.json").read_text())) == \
         {p.name for p in (tmp_path / "examples").glob("*.mp4")}

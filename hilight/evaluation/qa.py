@@ -6,7 +6,9 @@ answers are the reference ones) with its videos, answered with greedy decoding. 
 are scored by :mod:`hilight.evaluation.scoring`'s extractor for the turn's answer kind, per
 question type; others by exact match and token F1 against the reference answer.
 Baselines on the same items: the majority answer per question type, and the same model with
-the videos removed from the prompt ("blind").
+the videos removed from the prompt ("blind"). Records with ``sampling`` read their videos so
+(in segments: :mod:`hilight.sampling`), and get a third baseline: the same model shown only
+each video's first segment ("first segment").
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from hilight.data import read_records, record_videos
+from hilight.errors import HiLightError
 from hilight.evaluation.scoring import KINDS, exact_match, extract, token_f1
+from hilight.sampling import Clip, Sampling, record_sampling
 from hilight.text import VIDEO_TOKEN, ConversationError, Message, from_llava
-from hilight.video import VideoError
 
 if TYPE_CHECKING:  # evaluation is handed an engine; it never builds one
     from hilight.inference.engine import Engine, GenerationSettings
@@ -35,13 +38,18 @@ log = logging.getLogger(__name__)
 class Item:
     id: str
     messages: list[Message]
-    videos: list[Path]
+    videos: list[Path | Clip]
     reference: str
     qtype: str | None = None
     kind: str | None = None  # how the answer is scored (hilight.evaluation.scoring.KINDS)
     truth: str | None = None
     answer: str = ""
     blind_answer: str | None = None  # set when the blind baseline ran
+    first_segment_answer: str | None = None  # set for items with a video in several segments
+
+    @property
+    def sampled(self) -> bool:
+        return any(isinstance(v, Clip) and not v.sampling.is_default for v in self.videos)
 
 
 def load_items(data: Path, videos: Path) -> tuple[list[Item], list[str]]:
@@ -53,6 +61,9 @@ def load_items(data: Path, videos: Path) -> tuple[list[Item], list[str]]:
         try:
             messages = from_llava(rec["conversations"])
             paths = record_videos(rec, videos)
+            samplings = record_sampling(rec, len(paths))
+            if any(not s.is_default for s in samplings):
+                paths = [Clip(p, s) for p, s in zip(paths, samplings, strict=True)]
             if sum(m.content.count(VIDEO_TOKEN) for m in messages) != len(paths):
                 raise ConversationError(f"{len(paths)} video(s) but a different number of {VIDEO_TOKEN} markers")
             meta = rec.get("meta") or {}
@@ -67,7 +78,7 @@ def load_items(data: Path, videos: Path) -> tuple[list[Item], list[str]]:
         except KeyError as exc:
             problems.append(f"record {rid}: no {exc} {'in meta' if exc.args[0] in ('types', 'kinds', 'truth') else ''}"
                             .rstrip())
-        except (TypeError, IndexError, ConversationError) as exc:
+        except (TypeError, IndexError, HiLightError) as exc:
             problems.append(f"record {rid}: {exc}")
     return items, problems
 
@@ -76,10 +87,21 @@ def _blind(messages: list[Message]) -> list[Message]:
     return [Message(m.role, m.content.replace(VIDEO_TOKEN, "").strip()) for m in messages]
 
 
+def first_segment(engine: Engine, video: Path | Clip) -> Path | Clip:
+    """``video`` cut to its first segment's span, read as one segment (a baseline for videos
+    read in several)."""
+    planned = engine.plan(video)
+    if len(planned.segments) == 1:
+        return video
+    first = planned.segments[0]
+    last_frame = planned.index.times[max(first.indices)]
+    return Clip(planned.clip.path, Sampling(start=first.start, end=last_frame))
+
+
 def run(engine: Engine, items: list[Item], settings: GenerationSettings, batch_size: int = 8,
         blind: bool = True) -> dict[str, str]:
-    """Fill in ``answer`` (and ``blind_answer``); returns {item id: reason} for items whose
-    videos could not be read."""
+    """Fill in ``answer`` (and ``blind_answer``, and ``first_segment_answer`` for items read in
+    segments); returns {item id: reason} for items whose videos could not be read."""
     failed: dict[str, str] = {}
     todo = sorted(items, key=lambda it: (len(it.videos), sum(len(m.content) for m in it.messages)))
     for start in tqdm(range(0, len(todo), batch_size), desc="evaluating", unit="batch"):
@@ -87,10 +109,9 @@ def run(engine: Engine, items: list[Item], settings: GenerationSettings, batch_s
         ok = []
         for it in chunk:  # decode the videos first so one bad file only drops its own items
             try:
-                for v in it.videos:
-                    engine.video_embeddings(v)
+                engine.segment_embeddings([engine.plan(v) for v in it.videos])
                 ok.append(it)
-            except VideoError as exc:
+            except HiLightError as exc:
                 failed[it.id] = str(exc)
         if not ok:
             continue
@@ -100,6 +121,11 @@ def run(engine: Engine, items: list[Item], settings: GenerationSettings, batch_s
             answers = engine.answer_batch([(_blind(it.messages), []) for it in ok], settings)
             for it, ans in zip(ok, answers, strict=True):
                 it.blind_answer = ans
+        sampled = [it for it in ok if it.sampled]
+        if sampled:
+            prompts = [(it.messages, [first_segment(engine, v) for v in it.videos]) for it in sampled]
+            for it, ans in zip(sampled, engine.answer_batch(prompts, settings), strict=True):
+                it.first_segment_answer = ans
     return failed
 
 
@@ -135,6 +161,9 @@ def report(items: list[Item], failed: dict[str, str], problems: list[str]) -> di
             }
             if blind is not None:
                 per_type[qtype]["blind"] = _accuracy([p == it.truth for p, it in zip(blind, group, strict=True)])
+            if all(it.first_segment_answer is not None for it in group):
+                per_type[qtype]["first_segment"] = _accuracy([extract(it.kind, it.first_segment_answer) == it.truth
+                                                              for it in group])
             for p, it in zip(preds, group, strict=True):
                 if p is None:
                     unparseable.append({"id": it.id, "type": qtype, "answer": it.answer})
@@ -153,6 +182,9 @@ def report(items: list[Item], failed: dict[str, str], problems: list[str]) -> di
                    "majority": _accuracy([majority[it.qtype] == it.truth for it in chosen])}
             if chosen[0].blind_answer is not None:
                 row["blind"] = _accuracy([extract(it.kind, it.blind_answer) == it.truth for it in chosen])
+            if all(it.first_segment_answer is not None for it in chosen):
+                row["first_segment"] = _accuracy([extract(it.kind, it.first_segment_answer) == it.truth
+                                                  for it in chosen])
             out[name] = row
     if untyped:
         out["reference"] = {
@@ -161,7 +193,9 @@ def report(items: list[Item], failed: dict[str, str], problems: list[str]) -> di
             "token_f1": sum(token_f1(it.answer, it.reference) for it in untyped) / len(untyped),
         }
     out["answers"] = [{"id": it.id, "type": it.qtype, "truth": it.truth, "reference": it.reference,
-                       "answer": it.answer, "blind_answer": it.blind_answer} for it in items]
+                       "answer": it.answer, "blind_answer": it.blind_answer,
+                       **({"first_segment_answer": it.first_segment_answer} if it.first_segment_answer is not None
+                          else {})} for it in items]
     return out
 
 
@@ -171,13 +205,18 @@ def markdown(result: dict, title: str) -> str:
         if name in result:
             r = result[name]
             blind = f", blind {r['blind']:.1%}" if "blind" in r else ""
+            first = f", first segment only {r['first_segment']:.1%}" if "first_segment" in r else ""
             lines.append(f"- **{name.replace('_', ' ')}**: {r['accuracy']:.1%} of {r['n']} "
-                         f"(majority {r['majority']:.1%}{blind})")
+                         f"(majority {r['majority']:.1%}{blind}{first})")
     if "per_type" in result:
-        lines += ["", "| question type | kind | n | accuracy | blind | majority (answer) |", "|---|---|---|---|---|---|"]
+        segmented = any("first_segment" in r for r in result["per_type"].values())
+        extra = (" first segment only |", "---|") if segmented else ("", "")
+        lines += ["", f"| question type | kind | n | accuracy | blind |{extra[0]} majority (answer) |",
+                  f"|---|---|---|---|---|{extra[1]}---|"]
         for qtype, r in result["per_type"].items():
             blind = f"{r['blind']:.1%}" if "blind" in r else "-"
-            lines.append(f"| {qtype} | {r['kind']} | {r['n']} | {r['accuracy']:.1%} | {blind} | "
+            first = f" {r['first_segment']:.1%} |" if "first_segment" in r else (" - |" if segmented else "")
+            lines.append(f"| {qtype} | {r['kind']} | {r['n']} | {r['accuracy']:.1%} | {blind} |{first} "
                          f"{r['majority']:.1%} ({r['majority_answer']}) |")
         lines += ["", f"Unparseable answers: {len(result['unparseable'])} (listed in report.json).", "",
                   "Answer distribution (ground truth):", ""]
@@ -202,11 +241,14 @@ def bar_chart(result: dict, path: Path, title: str) -> None:
     per_type = result["per_type"]
     names = list(per_type)
     series = [("model", "accuracy", "#2b6cb0"), ("blind", "blind", "#a0aec0"), ("majority", "majority", "#ed8936")]
+    if any("first_segment" in r for r in per_type.values()):
+        series.insert(2, ("first segment only", "first_segment", "#68d391"))
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.1), 4))
     width = 0.8 / len(series)
     for k, (label, key, colour) in enumerate(series):
         values = [per_type[n].get(key, 0) for n in names]
-        ax.bar([i + (k - 1) * width for i in range(len(names))], values, width, label=label, color=colour)
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(names))], values, width, label=label,
+               color=colour)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

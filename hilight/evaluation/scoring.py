@@ -17,6 +17,8 @@ collapse. Then, per kind:
   ``left``, ...
 - ``clip``: "same"/"equal", then "both", then "neither"/"none" take precedence; otherwise the
   first of first/1st/one and second/2nd/two.
+- ``shot``: the first ordinal (first/1st ... fifth/5th) as ``first`` ... ``fifth``; with none,
+  a negation means ``none``.
 
 An answer from which no value can be extracted is *unparseable* and counts as wrong.
 """
@@ -28,7 +30,9 @@ from collections import Counter
 
 # the colour words of a ``colour`` answer (the billiards balls' colours)
 COLOURS = ("yellow", "blue", "red", "purple", "orange", "green", "maroon", "black", "pink")
-KINDS = ("colour", "pocket", "yesno", "number", "direction", "clip")
+KINDS = ("colour", "pocket", "yesno", "number", "direction", "clip", "shot")
+_ORDINALS = {"first": "first", "1st": "first", "second": "second", "2nd": "second", "third": "third",
+             "3rd": "third", "fourth": "fourth", "4th": "fourth", "fifth": "fifth", "5th": "fifth"}
 
 _NUMBERS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -90,6 +94,9 @@ def extract(kind: str, answer: str) -> str | None:
             if w in ("second", "2nd", "two"):
                 return "second"
         return None
+    if kind == "shot":
+        ordinal = next((_ORDINALS[w] for w in words if w in _ORDINALS), None)
+        return ordinal or ("none" if _NEGATION & set(words) else None)
     raise ValueError(f"unknown answer kind {kind!r}")
 
 

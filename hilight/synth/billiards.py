@@ -239,11 +239,14 @@ def aim(cfg: TableConfig, balls: list[Ball], rng: np.random.Generator) -> tuple[
     return speed * math.cos(angle), speed * math.sin(angle)
 
 
-def simulate(cfg: TableConfig, rng: np.random.Generator) -> tuple[ShotTruth, np.ndarray, np.ndarray]:
-    """Run one shot. Returns the truth, ball positions per frame [F, N, 2] and on-table flags [F, N]."""
+def simulate(cfg: TableConfig, rng: np.random.Generator, fps: int | None = None,
+             duration: float | None = None) -> tuple[ShotTruth, np.ndarray, np.ndarray]:
+    """Run one shot (at a random frame rate and length unless given). Returns the truth, ball
+    positions per frame [F, N, 2] and on-table flags [F, N]."""
     balls = random_layout(cfg, rng)
-    fps = int(rng.choice([10, 12, 15]))
-    duration = float(rng.choice([2.0, 2.5, 3.0, 3.5, 4.0]))
+    drawn_fps = int(rng.choice([10, 12, 15]))
+    drawn_duration = float(rng.choice([2.0, 2.5, 3.0, 3.5, 4.0]))
+    fps, duration = fps or drawn_fps, duration or drawn_duration
     vx, vy = aim(cfg, balls, rng)
     sim = Simulation(cfg, balls, (vx, vy))
     frames = int(round(duration * fps))

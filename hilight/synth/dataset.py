@@ -8,6 +8,12 @@ Layout of ``OUT``::
     {split}-captions.json   one caption per clip, [{"video", "caption", "tracks"}], where
                             tracks holds every ball's image position in every frame
 
+and, for long clips of several shots in a row (:func:`generate_long_split`)::
+
+    videos/long-{split}-{i:05d}.mp4
+    {split}-long.json       records asking about one shot or which shot (read in segments)
+    {split}-long-truth.json the ground truth of every shot of every clip
+
 Every clip is generated from its own seed ``(seed, split, index)``, so the same seed gives the
 same JSON and the same frames whatever the number of workers.
 """
@@ -25,7 +31,7 @@ from tqdm import tqdm
 
 from hilight.errors import ConfigError
 from hilight.synth.billiards import ShotTruth, TableConfig, image_tracks, random_camera, render, simulate
-from hilight.synth.qa import KINDS, QA, caption, pair_qas, single_qas
+from hilight.synth.qa import KINDS, QA, caption, long_qas, pair_qas, single_qas
 from hilight.video import write_video
 
 log = logging.getLogger(__name__)
@@ -136,6 +142,65 @@ def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfi
         [{"video": clip_name(split, i), "caption": caption(t), "tracks": tracks[i]} for i, t in enumerate(truths)],
         separators=(",", ":")) + "\n")
     return files
+
+
+LONG_SHOT_FPS, LONG_SHOT_SECONDS = 10, 3.0  # every shot of a long clip: 30 frames
+
+
+def long_clip_name(split: str, index: int) -> str:
+    return f"long-{split}-{index:05d}.mp4"
+
+
+def render_long(cfg: TableConfig, seed: int, split: str, index: int, shots: int) -> tuple[list[ShotTruth], np.ndarray]:
+    """``shots`` shots filmed one after another by one camera, each 3 s at 10 fps (so that
+    segments of the clip fall on its shots): their truths and frames [shots x 30, S, S, 3]."""
+    camera = random_camera(cfg, _seed(seed, split, index, 100))
+    truths, frames = [], []
+    for k in range(shots):
+        rng = _seed(seed, split, index, 101 + k)
+        truth, positions, present = simulate(cfg, rng, fps=LONG_SHOT_FPS, duration=LONG_SHOT_SECONDS)
+        truths.append(truth)
+        frames.append(render(cfg, truth, positions, present, camera, rng))
+    return truths, np.concatenate(frames)
+
+
+def make_long(args: tuple[TableConfig, int, str, int, int, Path]) -> list[dict]:
+    cfg, seed, split, index, shots, video_dir = args
+    truths, frames = render_long(cfg, seed, split, index, shots)
+    write_video(video_dir / long_clip_name(split, index), frames, fps=LONG_SHOT_FPS)
+    return [t.to_json() for t in truths]
+
+
+def generate_long_split(out: Path, split: str, clips: int, seed: int, frames_per_segment: int, shots: int = 3,
+                        cfg: TableConfig | None = None, workers: int = 1) -> Path:
+    """``clips`` long clips of ``split`` under ``out`` and their questions; each record reads its
+    clip as one segment of ``frames_per_segment`` frames per shot (``sampling.num_frames``), the
+    way a user asks for it. Returns the records' file."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    cfg = cfg or TableConfig()
+    video_dir = out / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(cfg, seed, split, i, shots, video_dir) for i in range(clips)]
+    bar = dict(total=clips, desc=f"billiards long {split}", unit="clip")
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            made = list(tqdm(pool.map(make_long, jobs, chunksize=2), **bar))
+    else:
+        made = [make_long(job) for job in tqdm(jobs, **bar)]
+    rng = _seed(seed, split, clips, 102)
+    records = []
+    for i, truths in enumerate(made):
+        name = long_clip_name(split, i)
+        for qa in long_qas([_truth_from_json(t) for t in truths], rng):
+            record = _record(f"long-{split}-{i:05d}-{qa.qtype}-{len(records)}", [name], [qa], SINGLE_LAYOUTS[0])
+            record["sampling"] = {"num_frames": shots * frames_per_segment}
+            records.append(record)
+    path = out / f"{split}-long.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    (out / f"{split}-long-truth.json").write_text(
+        json.dumps({long_clip_name(split, i): t for i, t in enumerate(made)}, indent=1) + "\n")
+    return path
 
 
 def split_sizes(total: int) -> dict[str, int]:

@@ -103,13 +103,49 @@ QUESTIONS: dict[str, list[str]] = {
     ],
 }
 
+# questions about one shot of a long clip made of several shots in a row ({nth}: first, second...)
+LONG_QUESTIONS: dict[str, list[str]] = {
+    "shot_first_pocketed": [
+        "In the {nth} shot, which ball was pocketed first?",
+        "Which ball went in first in the {nth} shot?",
+        "During the {nth} shot, which ball dropped into a pocket first?",
+        "What happened in the {nth} shot: which ball was potted first?",
+        "Look at the {nth} shot. Which ball went into a pocket first?",
+    ],
+    "shot_balls_left": [
+        "How many coloured balls are left at the end of the {nth} shot?",
+        "After the {nth} shot, how many object balls remain on the table?",
+        "Count the coloured balls left on the table when the {nth} shot ends.",
+        "At the end of the {nth} shot, how many object balls are still on the table?",
+        "How many balls besides the cue ball are left after the {nth} shot?",
+    ],
+    "shot_cue_direction": [
+        "In the {nth} shot, which way did the cue ball go first?",
+        "Which direction did the cue ball move in the {nth} shot?",
+        "Where did the cue ball head at the start of the {nth} shot?",
+        "In the {nth} shot, in what direction was the cue ball struck?",
+        "Which way did the white ball start rolling in the {nth} shot?",
+    ],
+    "which_shot_pocketed": [
+        "In which shot was the {colour} ball pocketed?",
+        "In which part of the video did the {colour} ball go into a pocket?",
+        "When was the {colour} ball potted: in which of the shots?",
+        "The {colour} ball went in during one of the shots. Which one?",
+        "Which shot pocketed the {colour} ball?",
+    ],
+}
+ORDINALS = ("first", "second", "third", "fourth", "fifth")
+
 KINDS = {
     "first_pocketed": "colour", "pocket": "pocket", "any_pocketed": "yesno", "scratch": "yesno",
     "first_contact": "colour", "cushions": "number", "balls_left": "number", "cue_direction": "direction",
     "which_pocketed": "clip", "which_more_left": "clip",
 }
+LONG_KINDS = {"shot_first_pocketed": "colour", "shot_balls_left": "number", "shot_cue_direction": "direction",
+              "which_shot_pocketed": "shot"}
 SINGLE_TYPES = [t for t, k in KINDS.items() if k != "clip"]
 PAIR_TYPES = [t for t, k in KINDS.items() if k == "clip"]
+KINDS.update(LONG_KINDS)
 
 
 def single_qas(truth: ShotTruth, rng: np.random.Generator) -> list[QA]:
@@ -183,3 +219,28 @@ def caption(truth: ShotTruth) -> str:
     parts.append("The cue ball touches no cushion." if n == 0 else
                  f"The cue ball touches {_words(n)} cushion{'s' if n > 1 else ''}.")
     return " ".join(parts)
+
+
+def long_qas(shots: list[ShotTruth], rng: np.random.Generator) -> list[QA]:
+    """Questions about a clip of several shots in a row, each needing the right shot: what
+    happened in the n-th shot (the answers are those of a one-shot clip), and in which shot a
+    ball was pocketed (for a colour pocketed in exactly one of them)."""
+    def ask(qtype: str, answer: str, value: str, **fmt) -> QA:
+        question = LONG_QUESTIONS[qtype][int(rng.integers(len(LONG_QUESTIONS[qtype])))].format(**fmt)
+        return QA(qtype, question, answer, value)
+
+    qas = []
+    for n, truth in enumerate(shots):
+        single = {qa.qtype: qa for qa in single_qas(truth, rng)}
+        for qtype in ("first_pocketed", "balls_left", "cue_direction"):
+            qa = single[qtype]
+            qas.append(ask(f"shot_{qtype}", qa.answer, qa.truth, nth=ORDINALS[n]))
+    pocketed_in: dict[str, list[int]] = {}
+    for n, truth in enumerate(shots):
+        for p in truth.object_pocketed:
+            pocketed_in.setdefault(p.ball, []).append(n)
+    for colour, where in sorted(pocketed_in.items()):
+        if len(where) == 1:
+            qas.append(ask("which_shot_pocketed", f"In the {ORDINALS[where[0]]} shot.", ORDINALS[where[0]],
+                           colour=colour))
+    return qas

@@ -1,15 +1,17 @@
 """``hilight recipe billiards-small``: the bundled model, trained end to end by HiLight's own
 pipeline on synthetic billiards clips, reproducible from its config (and so from a seed).
 
-Steps (each timed): generate the data set; train a Gemma-style tokenizer and build the
+Steps (each timed): generate the data set (one-shot clips, and long clips of several shots in a
+row asked about one shot, read in segments); train a Gemma-style tokenizer and build the
 ``billiards-small`` model; align the video tower (CLIP-ViP+: global + SPARC local loss +
 language mask, plus the frame-facts objective on the generator's ball tracks) and then the
 image tower (Long-CLIP role, frame by frame, same losses); cache both towers' outputs; VLM
 stage 1 (TokenMining, trained on the frame facts of its outputs: the LLM still has random
 weights, so its caption loss would carry no signal, and is skipped); VLM stage 2 as a *full*
-fine-tune of TokenMining and the LLM on the questions plus the inventory questions, the
-frame-facts loss kept beside it (a 4-layer LLM that starts from random weights has no language
-to preserve, so LoRA would only slow it down); evaluate on the held-out test split.
+fine-tune of TokenMining and the LLM on the questions, the inventory questions and the
+long-clip questions, the frame-facts loss kept beside it (a 4-layer LLM that starts from random
+weights has no language to preserve, so LoRA would only slow it down); evaluate on the held-out
+test split (and its long clips, with a first-segment-only baseline).
 
 ``recipe.json`` is rewritten after every step, so an interrupted run started again with the
 same ``--out`` goes on from the first unfinished step.
@@ -58,6 +60,8 @@ class RecipeConfig:
 
     seed: int = 0
     clips: int = 3000  # split 80 / 10 / 10 into train / val / test
+    long_clips: int = 600  # clips of `shots` shots in a row, split the same way
+    shots: int = 3
     vocab_size: int = 1000  # the tokenizer trained on the training split's text
     align_steps: int = 600  # video tower
     image_align_steps: int = 300
@@ -70,8 +74,8 @@ class RecipeConfig:
     model: HiLightConfig = field(default_factory=billiards_small_config)
 
     def __post_init__(self) -> None:
-        for name in ("clips", "vocab_size", "align_steps", "image_align_steps", "stage1_steps", "stage2_steps",
-                     "batch_size"):
+        for name in ("clips", "long_clips", "shots", "vocab_size", "align_steps", "image_align_steps",
+                     "stage1_steps", "stage2_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("align_precision", "vlm_precision"):
@@ -134,11 +138,13 @@ def billiards_small(out: Path, cfg: RecipeConfig | None = None, workers: int = 2
     _prepare(out, data, cfg, workers, progress)
     model = _vlm(out, data, aligned, features, cfg, progress)
     result = {}
-    progress.step(STEPS[7], out / "report" / "report.json", lambda: result.update(_evaluate(model, data, out)))
+    progress.step(STEPS[7], out / "report-long" / "report.json",
+                  lambda: result.update(_evaluate(model, data, out)))
     if not result:
         result = json.loads((out / "report" / "report.json").read_text())
     accuracy = {k: result[k] for k in ("single_video", "two_video", "overall") if k in result}
-    return progress.save(model=str(model), accuracy=accuracy)
+    long = json.loads((out / "report-long" / "report.json").read_text()).get("overall")
+    return progress.save(model=str(model), accuracy={**accuracy, "long_clips": long})
 
 
 def _prepare(out: Path, data: Path, cfg: RecipeConfig, workers: int, progress: Progress) -> None:
@@ -148,7 +154,7 @@ def _prepare(out: Path, data: Path, cfg: RecipeConfig, workers: int, progress: P
     from hilight.checkpoint import save_checkpoint
     from hilight.data import read_records
     from hilight.model import HiLight
-    from hilight.synth.dataset import generate_split, split_sizes
+    from hilight.synth.dataset import generate_long_split, generate_split, split_sizes
     from hilight.text import from_llava
     from hilight.tokenizer import train_tokenizer
     from hilight.training.align import align
@@ -156,8 +162,10 @@ def _prepare(out: Path, data: Path, cfg: RecipeConfig, workers: int, progress: P
     def make_data() -> None:
         for split, n in split_sizes(cfg.clips).items():
             generate_split(data, split, n, cfg.seed, workers=workers)
+        for split, n in split_sizes(cfg.long_clips).items():
+            generate_long_split(data, split, n, cfg.seed, cfg.model.video.num_frames, cfg.shots, workers=workers)
 
-    progress.step(STEPS[0], data / "test.json", make_data)
+    progress.step(STEPS[0], data / "test-long.json", make_data)
 
     def make_model() -> None:
         texts = [c["caption"] for c in json.loads((data / "train-captions.json").read_text())]
@@ -196,22 +204,24 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig
     import torch
 
     from hilight.checkpoint import load_checkpoint, read_config
-    from hilight.data import FeatureCache, extract_features, read_records, record_videos, tower_identity
+    from hilight.data import FeatureCache, extract_features, read_records, record_blocks, tower_identity
     from hilight.recipes.billiards_small.questions import inventory_records
     from hilight.training.vlm import train
 
     def extract() -> None:
         model, _ = load_checkpoint(aligned, with_tokenizer=False)
         cache = FeatureCache(features, tower_identity(model))
-        videos = [v for split in ("train", "val", "test") for r in read_records(data / f"{split}.json")
-                  for v in record_videos(r, data / "videos")]
+        videos = [b for name in ("train", "val", "test", "train-long", "val-long") for r in
+                  read_records(data / f"{name}.json") for b in record_blocks(r, data / "videos", model.config.video)]
         extract_features(model, videos, cache, torch.float16)
         (out / "features-complete").write_text("")
 
     progress.step(STEPS[4], out / "features-complete", extract)
-    # stage 2 trains on the questions plus the inventory questions of every training clip
+    # stage 2 trains on the questions, the inventory questions of every training clip and the
+    # long clips' questions
     train_records = out / "stage2-train.json"
-    records = read_records(data / "train.json") + inventory_records(data, read_config(aligned).video)
+    records = (read_records(data / "train.json") + inventory_records(data, read_config(aligned).video)
+               + read_records(data / "train-long.json"))
     train_records.write_text(json.dumps(records) + "\n")
     vlm_data = DataConfig(train=str(data / "train.json"), val=str(data / "val.json"), videos=str(data / "videos"),
                           cache=str(features))
@@ -237,8 +247,12 @@ def _evaluate(model: Path, data: Path, out: Path) -> dict:
     from hilight.inference.engine import Engine, GenerationSettings
 
     engine = Engine.from_checkpoint(model)
-    return evaluate(engine, data / "test.json", data / "videos", out / "report", GenerationSettings(max_new_tokens=24),
-                    batch_size=16, title=f"billiards-small on the held-out test split ({out.name})")
+    settings = GenerationSettings(max_new_tokens=24)
+    result = evaluate(engine, data / "test.json", data / "videos", out / "report", settings, batch_size=16,
+                      title=f"billiards-small on the held-out test split ({out.name})")
+    evaluate(engine, data / "test-long.json", data / "videos", out / "report-long", settings, batch_size=16,
+             title=f"billiards-small on the held-out long clips, read in segments ({out.name})")
+    return result
 
 
 def model_card(report: dict, run: Path) -> dict:
@@ -248,6 +262,12 @@ def model_card(report: dict, run: Path) -> dict:
     baselines = {f"{label} {b}": round(report[k][b], 3) for k, label in groups.items() if k in report
                  for b in ("blind", "majority")}
     n = report.get("overall", {}).get("n", 0)
+    long_file = run / "report-long" / "report.json"
+    long = json.loads(long_file.read_text()).get("overall", {}) if long_file.is_file() else {}
+    if long:
+        accuracy["long-clip questions (read in segments)"] = round(long["accuracy"], 3)
+        baselines.update({f"long-clip {b.replace('_', ' ')}": round(long[b], 3)
+                          for b in ("blind", "majority", "first_segment") if b in long})
     return {
         "name": "billiards-small",
         "summary": "HiLight's bundled demonstration model, trained from scratch by `hilight recipe billiards-small`",
@@ -269,6 +289,8 @@ def bundle(run: Path, target: Path, examples: Path, count: int = 4) -> None:
     model, tokenizer = load_checkpoint(run / "stage2" / "final")
     save_checkpoint(model, target, tokenizer)
     shutil.copy(run / "report" / "report.md", target / "eval-report.md")
+    if (run / "report-long" / "report.md").is_file():
+        shutil.copy(run / "report-long" / "report.md", target / "eval-report-long.md")
     (target / CARD_FILE).write_text(json.dumps(model_card(json.loads((run / "report" / "report.json").read_text()),
                                                           run), indent=1) + "\n")
     examples.mkdir(parents=True, exist_ok=True)
