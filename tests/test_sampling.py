@@ -13,7 +13,7 @@ from hilight.demo import moving_balls_clip
 from hilight.errors import ConfigError, ConversationError, VideoError
 from hilight.inference.engine import Clip, Conversation, Engine, GenerationSettings, stream_reply
 from hilight.sampling import MAX_FRAMES, Sampling, format_time, parse_time, plan_segments, segment_label
-from hilight.text import VIDEO_PLACEHOLDER_ID
+from hilight.text import VIDEO_PLACEHOLDER_ID, ChatTokenizer
 from hilight.video import decode_frames, preprocess, write_video
 from tests.conftest import talkative_checkpoint
 
@@ -300,3 +300,109 @@ def _user(text: str):
     from hilight.text import Message
 
     return Message("user", text)
+
+
+# ----------------------------------------------------------------------------------------------
+# long clips in the generator, in training and in evaluation
+
+
+@pytest.mark.parametrize("frames", [8, 12])
+def test_a_long_clips_segments_fall_on_its_shots(frames):
+    """3 shots of 30 frames read as 3 segments: each segment's frames lie in one shot, in order."""
+    from hilight.synth.dataset import LONG_SHOT_FPS, LONG_SHOT_SECONDS
+
+    per_shot = int(LONG_SHOT_FPS * LONG_SHOT_SECONDS)
+    times = [i / LONG_SHOT_FPS for i in range(3 * per_shot)]
+    segments = plan_segments(times, frames, Sampling(num_frames=3 * frames), list(range(frames)), "long.mp4")
+    assert [{i // per_shot for i in s.indices} for s in segments] == [{0}, {1}, {2}]
+
+
+def test_long_clip_questions_need_the_right_shot(tmp_path):
+    from hilight.evaluation.scoring import extract
+    from hilight.synth.billiards import TableConfig
+    from hilight.synth.dataset import generate_long_split
+
+    path = generate_long_split(tmp_path, "val", 3, seed=5, frames_per_segment=4, cfg=TableConfig(image_size=64))
+    records = json.loads(path.read_text())
+    truth = json.loads((tmp_path / "val-long-truth.json").read_text())
+    assert sorted(truth) == [f"long-val-{i:05d}.mp4" for i in range(3)] and all(len(t) == 3 for t in truth.values())
+    ordinals = {"first": 0, "second": 1, "third": 2}
+    for r in records:
+        assert r["sampling"] == {"num_frames": 12} and (tmp_path / "videos" / r["video"]).is_file()
+        (qtype,), (value,) = r["meta"]["types"], r["meta"]["truth"]
+        answer = r["conversations"][1]["value"]
+        assert extract(r["meta"]["kinds"][0], answer) == value  # the canonical answer states the truth
+        shots = truth[r["video"]]
+        if qtype == "which_shot_pocketed":
+            colour = next(c for c in ("yellow", "blue", "red", "purple", "orange", "green", "maroon", "black", "pink")
+                          if c in r["conversations"][0]["value"])
+            where = [n for n, s in enumerate(shots) for p in s["pocketed"] if p["ball"] == colour]
+            assert where == [ordinals[value]]
+        elif qtype == "shot_balls_left":
+            nth = next(k for k in ordinals if k in r["conversations"][0]["value"])
+            assert value == str(len(shots[ordinals[nth]]["balls_left"]))
+    assert {r["meta"]["types"][0] for r in records} >= {"shot_first_pocketed", "shot_balls_left", "shot_cue_direction"}
+
+
+@pytest.mark.parametrize("answer, value", [("In the second shot.", "second"), ("the 3rd one", "third"),
+                                           ("First.", "first"), ("In none of them.", "none"), ("Red.", None)])
+def test_shot_answers_are_scored_by_their_ordinal(answer, value):
+    from hilight.evaluation.scoring import extract
+
+    assert extract("shot", answer) == value
+
+
+def test_training_records_with_sampling_are_read_in_segments(setup, tmp_path):
+    from hilight.checkpoint import load_checkpoint
+    from hilight.data import FeatureCache, VideoQADataset, collate_samples, encode_records, extract_features, \
+        record_blocks, tower_identity
+
+    root, model_dir, clip, _ = setup
+    model, tokenizer = load_checkpoint(model_dir)
+    chat = ChatTokenizer(tokenizer, model.config.tokens_per_video)
+    record = {"id": "r", "video": clip.name, "sampling": {"num_frames": 8},
+              "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A shot."}]}
+    plain = {**record, "id": "p", "sampling": None}
+    bad = {**record, "id": "b", "sampling": {"start": 99}}
+    samples, rejected = encode_records([record, plain, bad], clip.parent, chat, 512, "right", model.config.video)
+    assert [b.id for b in rejected] == ["b"] and "the range starts at 1:39.0, after the end" in rejected[0].reason
+    sampled, default = samples
+    engine = Engine(model, tokenizer)
+    planned = engine.plan(Clip(clip, Sampling(num_frames=8)))
+    # the same ids as the engine gives the same question at inference
+    prompt = engine.encode_prompt([_user("<video>\nWhat happens?")], [planned]).input_ids
+    assert sampled.encoded.input_ids[:len(prompt) - 3] == prompt[:-3]
+    assert sampled.blocks() == [(clip, s.indices) for s in planned.segments] and default.blocks() == [(clip, None)]
+    cache = FeatureCache(tmp_path / "cache", tower_identity(model))
+    blocks = record_blocks(record, clip.parent, model.config.video) + record_blocks(plain, clip.parent, model.config.video)
+    extract_features(model, blocks, cache, torch.float32)
+    dataset = VideoQADataset(samples, model.config.video, cache, rejected)
+    batch = collate_samples([dataset[0], dataset[1]], chat.pad_id)
+    assert batch["towers"].video.shape[0] == 3  # two segments, then the whole clip
+    # a segment's cached tower outputs are those of its frames; TokenMining gives the engine's rows
+    embeds = model.video_embeddings(batch["towers"])
+    torch.testing.assert_close(embeds[:2], engine.segment_embeddings([planned]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(embeds[2], engine.video_embeddings(clip), rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_reads_sampled_records_with_a_first_segment_baseline(setup, tmp_path):
+    from hilight.evaluation.qa import evaluate
+
+    root, model_dir, clip, _ = setup
+    records = [{"id": f"q{i}", "video": clip.name, "sampling": {"num_frames": 8},
+                "conversations": [{"from": "human", "value": f"<video>\nIn the second shot, question {i}?"},
+                                  {"from": "gpt", "value": "Two coloured balls are left on the table."}],
+                "meta": {"types": ["shot_balls_left"], "kinds": ["number"], "truth": ["2"]}} for i in range(3)]
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(records))
+    engine = Engine.from_checkpoint(model_dir)
+    result = evaluate(engine, data, clip.parent, tmp_path / "report", GenerationSettings(6))
+    assert result["overall"]["n"] == 3 and {"blind", "first_segment", "majority"} <= set(result["overall"])
+    answer = result["answers"][0]
+    expected = engine.answer([_user(records[0]["conversations"][0]["value"])],
+                             [Clip(clip, Sampling(num_frames=8))], GenerationSettings(6))
+    assert answer["answer"] == expected
+    first = engine.plan(Clip(clip, Sampling(num_frames=8))).segments[0]
+    alone = engine.plan(Clip(clip, Sampling(end=engine.plan(clip).index.times[max(first.indices)])))
+    assert alone.segments[0].indices == first.indices  # the baseline sees exactly the first segment's frames
+    assert "first segment only" in (tmp_path / "report" / "report.md").read_text()
