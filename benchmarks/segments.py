@@ -5,8 +5,8 @@ and a follow-up about another range with and without the segment cache.
 the 60 s 1080p clip of ``benchmarks/decode.py`` (made once, cached). For 1, 4 and 16 segments
 (12, 48, 192 frames) a fresh engine plans, decodes (seeking) and runs the towers and TokenMining;
 decode is timed on its own as well, encode is the rest. The follow-up: a conversation asks about
-0:00-0:30 at 0.8 fps (3 segments), then about 0:00-1:00 at the same rate (5 segments, the first
-two the same frames as before); timed once in that conversation (segments and KV cache kept)
+0:00-0:30 at 0.8 fps (3 segments, the third cut short by the range), then about 0:00-1:00 at
+the same rate (4 segments, the first two the same frames as before); timed once in that conversation (segments and KV cache kept)
 and once as a fresh engine would answer the same two-turn conversation (everything encoded and
 prefilled again).
 
