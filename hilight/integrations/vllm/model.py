@@ -39,6 +39,7 @@ from hilight.model.clip_vip import CLIPViPVideoTower
 from hilight.model.hilight import COMPONENTS, TowerOutputs, mine_tokens, scale_visual
 from hilight.model.long_clip import LongCLIPImageTower
 from hilight.model.token_mining import TokenMining
+from hilight.sampling import ALIASES, FIELDS
 from hilight.text import VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, ChatTokenizer
 from hilight.video import preprocess, sample_indices
 
@@ -76,6 +77,9 @@ class HiLightDummyInputs(BaseDummyInputsBuilder[HiLightProcessingInfo]):
                                                 overrides=options)}
 
 
+SAMPLING_KEYS = set(FIELDS) | set(ALIASES)
+
+
 class HiLightMultiModalProcessor(BaseMultiModalProcessor[HiLightProcessingInfo]):
     """Frames to pixel values (HiLight's preprocessing); the prompt re-tokenized by HiLight's
     ChatTokenizer, with each ``<video>`` as ``tokens_per_video`` positions for its tokens."""
@@ -85,6 +89,11 @@ class HiLightMultiModalProcessor(BaseMultiModalProcessor[HiLightProcessingInfo])
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         cfg = self.info.hilight().video
+        asked = sorted(set(hf_kwargs) & SAMPLING_KEYS)
+        if asked:  # refused, never ignored: vLLM gives each video one segment of the model's frames
+            raise ValueError(f"mm_processor_kwargs.{asked[0]}: HiLight on vLLM reads each video as the model's "
+                             f"{cfg.num_frames} frames; time ranges, frame counts and segments are served by "
+                             "`hilight serve`")
         clips = []
         for frames in hf_data.get("videos", []):
             frames = np.asarray(frames)
