@@ -33,10 +33,21 @@ def test_place_videos():
         place_videos("<video> and?", 2)
 
 
-def test_ask_json(setup):
+def _main(args, capsys):
+    """``hilight ARGS`` in this process (the entry point itself is run by the chat tests below)."""
+    from types import SimpleNamespace
+
+    from hilight.cli import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+
+def test_ask_json(setup, capsys):
     root, model, clips = setup
-    out = _run(["ask", str(clips[0]), str(clips[1]), "Compare <video> with <video>.", "--model", str(model), "--json",
-                "--max-new-tokens", "10"])
+    out = _main(["ask", str(clips[0]), str(clips[1]), "Compare <video> with <video>.", "--model", str(model), "--json",
+                 "--max-new-tokens", "10"], capsys)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     engine = Engine.from_checkpoint(model)
@@ -52,18 +63,18 @@ def test_ask_json(setup):
 
 def test_ask_bad_video_is_one_line(setup):
     root, model, _ = setup
-    out = _run(["ask", str(root / "bad.mp4"), "What?", "--model", str(model)])
+    out = _run(["ask", str(root / "bad.mp4"), "What?", "--model", str(model)])  # the real entry point, warnings too
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "bad.mp4: not a readable media file" in out.stderr
 
 
-def test_ask_needs_a_video_and_a_question(setup):
+def test_ask_needs_a_video_and_a_question(setup, capsys):
     root, model, clips = setup
-    out = _run(["ask", str(clips[0]), "--model", str(model)])
+    out = _main(["ask", str(clips[0]), "--model", str(model)], capsys)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert f"{clips[0]}: a video file, and no question after it" in out.stderr
-    out = _run(["ask", "What happens?", "--model", str(model)])
+    out = _main(["ask", "What happens?", "--model", str(model)], capsys)
     assert out.returncode == 2 and "no video given" in out.stderr and "--no-video" in out.stderr
-    out = _run(["ask", "What happens?", "--model", str(model), "--no-video", "--max-new-tokens", "4"])
+    out = _main(["ask", "What happens?", "--model", str(model), "--no-video", "--max-new-tokens", "4"], capsys)
     assert out.returncode == 0, out.stderr
 
 
@@ -82,10 +93,11 @@ def test_the_bundled_model_is_known_by_name_and_says_what_it_knows(capsys):
     assert captured.err.startswith("note: billiards-small knows top-down clips") and captured.out.strip()
 
 
-def test_chat_refuses_a_question_before_any_video(setup):
+def test_chat_refuses_a_question_before_any_video(setup, capsys, monkeypatch):
     root, model, clips = setup
-    out = _run(["chat", "--model", str(model), "--max-new-tokens", "4"], f"What happens?\n/video {clips[0]}\nAnd now?\n"
-               "/history\n/quit\n")
+    lines = iter(["What happens?", f"/video {clips[0]}", "And now?", "/history", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out = _main(["chat", "--model", str(model), "--max-new-tokens", "4"], capsys)
     assert out.returncode == 0, out.stderr
     assert "error: no video in this chat yet: add one with /video PATH" in out.stdout
     assert "user> <video>\nAnd now?" in out.stdout  # the refused question left no trace; the next one went on
