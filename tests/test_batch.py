@@ -3,8 +3,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -151,16 +149,16 @@ def test_rows_match_hilight_ask_and_a_bad_video_fails_alone(setup):
     assert rows["gone"]["answer"] is None and "gone.mp4" in rows["gone"]["error"]
 
 
-def test_cli_without_ray_says_how_to_install_it(setup, tmp_path):
+def test_cli_without_ray_says_how_to_install_it(setup, tmp_path, capsys):
+    from hilight.cli import main
+
     if importlib.util.find_spec("ray") is not None:
         pytest.skip("Ray is installed here; tests/integration runs the pipeline")
     root, model, clips = setup
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"video": str(clips[0]), "question": "What?"}) + "\n")
-    out = subprocess.run([sys.executable, "-m", "hilight", "batch", str(manifest), "--out", str(tmp_path / "a.jsonl"),
-                          "--model", str(model)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stderr.strip().endswith(RAY_MISSING) and out.stderr.count("\n") == 1
-    bad = subprocess.run([sys.executable, "-m", "hilight", "batch", str(tmp_path / "none.jsonl"), "--out",
-                          str(tmp_path / "a.jsonl"), "--model", str(model)], capture_output=True, text=True,
-                         timeout=120)
-    assert bad.returncode == 2 and "none.jsonl: no such manifest file or folder" in bad.stderr
+    assert main(["batch", str(manifest), "--out", str(tmp_path / "a.jsonl"), "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith(RAY_MISSING) and err.count("\n") == 1
+    assert main(["batch", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "a.jsonl"), "--model", str(model)]) == 2
+    assert "none.jsonl: no such manifest file or folder" in capsys.readouterr().err
