@@ -43,11 +43,11 @@ def parse_video_command(rest: str) -> Clip:
 
 
 def run_chat(engine: Engine, videos: list[str], settings: GenerationSettings, name: str, note: str | None = None,
-             allow_no_video: bool = False, sampling: Sampling = Sampling()) -> int:
+             allow_no_video: bool = False, sampling: Sampling | None = None) -> int:
     """Read messages from stdin until /quit or end of input; a failed turn keeps the history.
     A question while no video is in the chat is refused unless ``allow_no_video``. ``sampling``
     applies to the ``videos`` given at the start; ``/video`` takes its own."""
-    conversation, pending = Conversation(), [Clip(Path(v), sampling) for v in videos]
+    conversation, pending = Conversation(), [Clip(Path(v), sampling or Sampling()) for v in videos]
     print(f"HiLight chat ({name}). {HELP}")
     if note:
         print(f"({note})")

@@ -31,8 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from hilight.inference.batching import Batcher, Job
 from hilight.errors import ConfigError
+from hilight.inference.batching import Batcher, Job
 from hilight.inference.engine import Clip, Conversation, Engine, GenerationSettings, place_videos, stream_reply
 from hilight.sampling import Sampling
 from hilight.text import VIDEO_TOKEN, ConversationError, Message

@@ -328,20 +328,21 @@ def load_video(path: str | Path, cfg: VideoInputConfig) -> torch.Tensor:
     return preprocess(decode_video(path, cfg).frames, cfg)
 
 
-def plan_video(path: str | Path, cfg: VideoInputConfig, sampling: Sampling = Sampling(),
+def plan_video(path: str | Path, cfg: VideoInputConfig, sampling: Sampling | None = None,
                index: FrameIndex | None = None) -> tuple[FrameIndex, list[Segment]]:
     """The segments of ``path`` the model sees for ``sampling`` (a demux pass unless ``index``
     is given; nothing is decoded)."""
-    index = index or probe_video(path, cfg)
+    index, sampling = index or probe_video(path, cfg), sampling or Sampling()
     return index, plan_segments(index.times, cfg.num_frames, sampling, choose_frames(index, cfg), path)
 
 
-def contact_sheet(path: str | Path, cfg: VideoInputConfig, sampling: Sampling = Sampling(), columns: int = 4):
+def contact_sheet(path: str | Path, cfg: VideoInputConfig, sampling: Sampling | None = None, columns: int = 4):
     """A PIL image of the sampled frames exactly as the model sees them (after resizing),
     each labelled with its frame number and timestamp; a video read in several segments gets
     one row per segment, headed by the segment's time-span marker."""
     from PIL import Image, ImageDraw, ImageFont
 
+    sampling = sampling or Sampling()
     index, segments = plan_video(path, cfg, sampling)
     decoded = decode_frames(path, index, [i for s in segments for i in s.indices], cfg)
     frames = to_uint8(preprocess(decoded.frames, cfg), cfg)  # [N, S, S, 3]

@@ -12,7 +12,7 @@ from hilight.cli import main
 from hilight.demo import moving_balls_clip
 from hilight.errors import ConfigError, ConversationError, VideoError
 from hilight.inference.engine import Clip, Conversation, Engine, GenerationSettings, stream_reply
-from hilight.sampling import MAX_FRAMES, Sampling, format_time, parse_time, plan_segments, segment_label
+from hilight.sampling import MAX_FRAMES, Sampling, format_time, parse_time, plan_segments
 from hilight.text import VIDEO_PLACEHOLDER_ID, ChatTokenizer
 from hilight.video import decode_frames, preprocess, write_video
 from tests.conftest import talkative_checkpoint
@@ -58,7 +58,7 @@ def test_more_frames_become_segments_in_time_order():
     # the spans tile the range, each starting at its first frame
     segments = _plan(Sampling(num_frames=12, start=0.5, end=2.0))
     assert segments[0].start == 0.5 and segments[-1].end == 2.0
-    assert all(a.end == b.start == TIMES[b.indices[0]] for a, b in zip(segments, segments[1:]))
+    assert all(a.end == b.start == TIMES[b.indices[0]] for a, b in zip(segments, segments[1:], strict=False))
 
 
 def test_fps_reads_that_rate_up_to_max_frames():
@@ -354,8 +354,15 @@ def test_shot_answers_are_scored_by_their_ordinal(answer, value):
 
 def test_training_records_with_sampling_are_read_in_segments(setup, tmp_path):
     from hilight.checkpoint import load_checkpoint
-    from hilight.data import FeatureCache, VideoQADataset, collate_samples, encode_records, extract_features, \
-        record_blocks, tower_identity
+    from hilight.data import (
+        FeatureCache,
+        VideoQADataset,
+        collate_samples,
+        encode_records,
+        extract_features,
+        record_blocks,
+        tower_identity,
+    )
 
     root, model_dir, clip, _ = setup
     model, tokenizer = load_checkpoint(model_dir)

@@ -25,8 +25,16 @@ from hilight.errors import ConfigError, NoVideoError, VideoError
 from hilight.files import file_digest, torch_dtype
 from hilight.model import HiLight
 from hilight.sampling import Clip, Segment, as_clip, segment_label
-from hilight.text import (VIDEO_PLACEHOLDER_ID, VIDEO_TOKEN, Batch, ChatTokenizer, ConversationError, Encoded, Message,
-                          collate)
+from hilight.text import (
+    VIDEO_PLACEHOLDER_ID,
+    VIDEO_TOKEN,
+    Batch,
+    ChatTokenizer,
+    ConversationError,
+    Encoded,
+    Message,
+    collate,
+)
 from hilight.video import FrameIndex, decode_frames, plan_video, preprocess
 
 ENCODE_BATCH = 16  # segments decoded and run through the towers together (bounds memory for long videos)
