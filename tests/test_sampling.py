@@ -413,3 +413,21 @@ def test_evaluation_reads_sampled_records_with_a_first_segment_baseline(setup, t
     alone = engine.plan(Clip(clip, Sampling(end=engine.plan(clip).index.times[max(first.indices)])))
     assert alone.segments[0].indices == first.indices  # the baseline sees exactly the first segment's frames
     assert "first segment only" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_ten_hour_video_at_one_fps_is_refused_by_the_context_check(setup):
+    """Planning needs only the demux pass's timestamps; 36,000 frames at 1 fps are 9,000 segments
+    of the tiny model's 4, refused before anything is decoded."""
+    from fractions import Fraction
+
+    from hilight.inference.engine import Planned
+    from hilight.video import FrameIndex
+
+    root, model, clip, _ = setup
+    engine = Engine.from_checkpoint(model)
+    index = FrameIndex(pts=list(range(36_000)), keyframes=[0], time_base=Fraction(1))  # 10 h at 1 frame/s
+    segments = plan_segments(index.times, 4, Sampling(fps=1), [0, 1, 2, 3], "ten-hours.mp4")
+    assert len(segments) == 9_000
+    planned = Planned(Clip(clip, Sampling(fps=1)), index, segments, [f"k{i}" for i in range(len(segments))])
+    with pytest.raises(ConversationError, match=r"9000 video segments .* segment\(s\) of 4 frames would fit"):
+        engine.encode_prompt([_user("<video>\nWhat happens?")], [planned])
