@@ -181,7 +181,8 @@ def plan_segments(times: list[float], frames_per_segment: int, sampling: Samplin
     ``sampling``; ``default`` is the model's own choice of T frames (used when nothing is asked).
     A range outside the video or without frames raises :class:`VideoError` naming ``path``."""
     n, t = len(times), frames_per_segment
-    duration = times[-1]
+    times = np.asarray(times, dtype=np.float64)  # searched many times below
+    duration = float(times[-1])
     if n == 1 or sampling.is_default:
         return [Segment(tuple(default), 0.0, duration)]
     start = 0.0 if sampling.start is None else sampling.start
@@ -212,11 +213,11 @@ def plan_segments(times: list[float], frames_per_segment: int, sampling: Samplin
     count = -(-wanted // t)
     picks = [lo + i for i in _spread(inside, count * t)]
     chunks = [picks[k * t:(k + 1) * t] for k in range(count)]
-    bounds = [start] + [times[c[0]] for c in chunks[1:]] + [end]
+    bounds = [start] + [float(times[c[0]]) for c in chunks[1:]] + [end]
     return [Segment(tuple(c), bounds[k], bounds[k + 1]) for k, c in enumerate(chunks)]
 
 
-def _on_grid(times: list[float], start: float, end: float, fps: float, t: int,
+def _on_grid(times: np.ndarray, start: float, end: float, fps: float, t: int,
              max_frames: int | None) -> list[Segment] | None:
     """Frames at ``k / fps`` seconds (from the video's start) inside the range, each the nearest
     frame; segment ``j`` holds grid frames ``j*T ... j*T + T - 1``, so two requests at the same
@@ -226,18 +227,21 @@ def _on_grid(times: list[float], start: float, end: float, fps: float, t: int,
     first, last = math.ceil(start * fps - 1e-6), math.floor(end * fps + 1e-6)
     if last < first or (max_frames is not None and last - first + 1 > max_frames):
         return None
+    nearest = _nearest(times, np.arange(first, last + 1) / fps)  # grid frame first + i -> frame index
     segments = []
     for j in range(first // t, last // t + 1):
-        ks = range(max(first, j * t), min(last, j * t + t - 1) + 1)
-        frames = [_nearest(times, k / fps) for k in ks]
+        lo, hi = max(first, j * t), min(last, j * t + t - 1)
+        frames = nearest[lo - first:hi - first + 1]
         span = (max(start, j * t / fps), min(end, (j + 1) * t / fps))
-        segments.append(Segment(tuple(frames[i] for i in _spread(len(frames), t)), *span))
+        segments.append(Segment(tuple(int(frames[i]) for i in _spread(len(frames), t)), *span))
     return segments
 
 
-def _nearest(times: list[float], target: float) -> int:
-    i = int(np.searchsorted(times, target))
-    return min((j for j in (i - 1, i) if 0 <= j < len(times)), key=lambda j: (abs(times[j] - target), j))
+def _nearest(times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The index of the frame nearest to each target time (the earlier one on a tie)."""
+    right = np.clip(np.searchsorted(times, targets), 0, len(times) - 1)
+    left = np.clip(right - 1, 0, len(times) - 1)
+    return np.where(np.abs(times[left] - targets) <= np.abs(times[right] - targets), left, right)
 
 
 def _spread(available: int, wanted: int) -> list[int]:
