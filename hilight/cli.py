@@ -269,17 +269,48 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Judge-free evaluation with per-type accuracy and baselines."""
+    from hilight.data import read_records
+    from hilight.evaluation.choice import choice_markdown, evaluate_choice, is_choice_data
     from hilight.evaluation.qa import evaluate, markdown
     from hilight.inference.engine import GenerationSettings
 
+    choice = is_choice_data(read_records(args.data))
     engine = _engine(args)
     name = Path(args.model).name if args.model else "bundled model"
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    if choice:  # multiple-choice items: letter matching and option log-likelihood
+        result = evaluate_choice(engine, args.data, args.videos, args.out, settings, mode=args.choice_mode,
+                                 batch_size=args.batch_size, blind=not args.no_blind, limit=args.limit,
+                                 title=f"{name} on {args.data.name}")
+        print(choice_markdown(result, f"{name} on {args.data}"))
+        if args.out:
+            print(f"report: {args.out / 'report.md'}, {args.out / 'report.json'}")
+        return 0
     result = evaluate(engine, args.data, args.videos, args.out, settings, batch_size=args.batch_size,
                       blind=not args.no_blind, limit=args.limit, title=f"{name} on {args.data.name}")
     print(markdown(result, f"{name} on {args.data}"))
     if args.out:
         print(f"report: {args.out / 'report.md'}, {args.out / 'report.json'}")
+    return 0
+
+
+def cmd_export_lmms(args: argparse.Namespace) -> int:
+    """Write an lmms-eval task folder asking what `hilight eval` asks, with the same scoring."""
+    from hilight.data import read_records
+    from hilight.evaluation.choice import is_choice_data
+    from hilight.evaluation.lmms_tasks import export_lmms_task
+
+    records = read_records(args.data)
+    if not is_choice_data(records):
+        from hilight.recipes.billiards_small.choice import choice_records
+
+        records = choice_records(records, args.seed)
+        if not records:
+            raise DataError(f"{args.data}: neither multiple-choice items nor billiards records with 'meta'")
+    records = records[:args.limit] if args.limit else records
+    out = export_lmms_task(records, args.videos, args.out, args.name, where=str(args.data))
+    print(f"{len(records)} items -> {out}: lmms-eval --model hilight --tasks {args.name},{args.name}_ll "
+          f"--include_path {out}; the same items for hilight eval: {out / (args.name + '.json')}")
     return 0
 
 
@@ -789,6 +820,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens")
     p.add_argument("--no-blind", action="store_true", help="skip the video-removed baseline")
     p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--choice-mode", choices=["generate", "loglikelihood", "both"], default="both",
+                   help="multiple-choice data (records with 'options'): score the greedy answer's letter, the "
+                        "likeliest letter, or both")
+
+    p = command("export-lmms", cmd_export_lmms, "a multiple-choice JSON (or billiards records) as an lmms-eval task")
+    p.add_argument("--data", type=Path, required=True,
+                   help="multiple-choice items (question, options, answer), or the billiards generator's records "
+                        "(turned into multiple choice)")
+    p.add_argument("--videos", type=Path, required=True, help="folder the items' video names are under")
+    p.add_argument("--out", type=Path, required=True, help="the task folder, for lmms-eval --include_path")
+    p.add_argument("--name", default="hilight_mc", help="task name (also NAME_ll: the log-likelihood variant)")
+    p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--seed", type=int, default=0, help="billiards records: the seed of the options' order")
 
     p = command("eval-retrieval", cmd_eval_retrieval, "text<->video retrieval recall of an aligned model")
     p.add_argument("--model", type=Path, required=True, help="the final/ directory of `hilight align`")

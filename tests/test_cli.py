@@ -6,7 +6,8 @@ import pytest
 from hilight.cli import build_parser, main
 
 COMMANDS = ["info", "convert", "frames", "synth", "init", "eval", "data", "extract-features", "train", "align",
-            "eval-retrieval", "merge-lora", "ask", "chat", "serve", "webui", "recipe", "examples", "demo"]
+            "eval-retrieval", "merge-lora", "ask", "chat", "serve", "webui", "recipe", "examples", "demo", "batch",
+            "export-lmms"]
 
 
 def test_help_lists_the_subcommands():

@@ -328,6 +328,39 @@ class Engine:
                settings: GenerationSettings | None = None) -> str:
         return self.answer_batch([(messages, videos)], settings)[0]
 
+    @torch.inference_mode()
+    def loglikelihood(self, messages: Sequence[Message], videos: Sequence[str | Path | Clip],
+                      continuations: Sequence[str]) -> list[tuple[float, bool]]:
+        """For each continuation of the model's reply to ``messages``: the sum of its tokens' log
+        probabilities, and whether greedy decoding would produce exactly those tokens. All
+        continuations run as one batch over the same prompt (the videos encoded once)."""
+        planned = [self.plan(v) for v in videos]
+        prompt = self.encode_prompt(messages, planned).input_ids
+        embeds = self.segment_embeddings(planned)
+        rows = []
+        for text in continuations:
+            tokens = self.chat._text(text)
+            if not tokens:
+                raise ConversationError(f"the continuation {text!r} has no tokens")
+            rows.append(tokens)
+        width = len(prompt) + max(len(r) for r in rows)
+        if width > self.context:
+            raise ConversationError(f"{width} tokens exceed the model's context of {self.context}")
+        ids = torch.full((len(rows), width), self.chat.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, tokens in enumerate(rows):
+            ids[i, :len(prompt) + len(tokens)] = torch.tensor(prompt + tokens)
+            mask[i, :len(prompt) + len(tokens)] = 1
+        video_embeds = None if embeds is None else embeds.repeat(len(rows), 1, 1)  # one copy per row
+        logits = self.model(ids.to(self.device), mask.to(self.device), video_embeds=video_embeds).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        out = []
+        for i, tokens in enumerate(rows):
+            span = logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(tokens)]  # the positions predicting them
+            target = torch.tensor(tokens, device=span.device)
+            out.append((float(span.gather(1, target[:, None]).sum()), bool((span.argmax(-1) == target).all())))
+        return out
+
 
 class Cancelled(Exception):
     """Generation was stopped by the caller."""
