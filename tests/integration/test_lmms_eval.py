@@ -30,7 +30,7 @@ def task(tmp_path_factory):
 
 def _lmms_eval(root: Path, task: str, model: str = "hilight", args: str = "") -> float:
     env = {**os.environ, "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    out_dir = root / "out" / f"{model}-{task}"
+    out_dir = root / "out" / f"{model}-{task}-{len(list((root / 'out').glob('*'))) if (root / 'out').is_dir() else 0}"
     out = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", model, "--model_args",
                           args or f"pretrained={BUNDLED_MODEL},dtype=fp32,quantize=none", "--tasks", task,
                           "--include_path", str(root / "task"), "--batch_size", "4", "--device", "cpu",
