@@ -86,6 +86,14 @@ class ChatRequest(BaseModel):
     media_io_kwargs: dict[str, dict] | None = None
 
 
+def strip_markers(text: str) -> str:
+    """``text`` without any ``<video>`` marker, also those that removing one would form
+    (``<vid<video>eo>``): in the API a video is a part, never typed."""
+    while VIDEO_TOKEN in text:
+        text = text.replace(VIDEO_TOKEN, "")
+    return text
+
+
 def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={
         "error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}})
@@ -215,7 +223,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             text = []
             for j, part in enumerate(parts):
                 if part.type == "text":
-                    text.append((part.text or "").replace(VIDEO_TOKEN, ""))  # no smuggled markers
+                    text.append(strip_markers(part.text or ""))  # no smuggled markers
                 else:
                     media = part.video_url if part.type == "video_url" else part.image_url
                     where = f"messages[{i}].content[{j}].{part.type}"

@@ -97,7 +97,13 @@ class ChatTokenizer:
         return ids[0]
 
     def _text(self, text: str) -> list[int]:
+        """The template's own text: ``<start_of_turn>`` and the like are control tokens."""
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _content(self, text: str) -> list[int]:
+        """What a user or the model said: typed ``<start_of_turn>``, ``<eos>``... stay plain text,
+        never control tokens (a message cannot end its turn or forge another speaker's)."""
+        return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
     def content_ids(self, text: str, layouts: Iterator[Sequence[str] | None] | None = None) -> list[int]:
         """Text with each ``<video>`` expanded into placeholder ids (see :meth:`video_ids`;
@@ -106,7 +112,7 @@ class ChatTokenizer:
         for i, chunk in enumerate(text.split(VIDEO_TOKEN)):
             if i:
                 ids += self.video_ids(next(layouts, None) if layouts is not None else None)
-            ids += self._text(chunk)
+            ids += self._content(chunk)
         return ids
 
     def video_ids(self, labels: Sequence[str] | None = None) -> list[int]:

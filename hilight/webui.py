@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import tempfile
 import threading
 from pathlib import Path
 
-import gradio as gr
+# a local tool sends nothing anywhere unless asked: Gradio's usage analytics off (before import)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
 
 from hilight.checkpoint import read_card
 from hilight.errors import ConfigError, HiLightError, NoVideoError

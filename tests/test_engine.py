@@ -212,3 +212,13 @@ def test_beam_search_replies_arrive_whole_and_match_the_batch_path(tokenizer, cl
     assert 0 < usage["completion_tokens"] <= 10 and conversation.messages[-1].content == expected.strip()
     assert conversation.cache is None  # beams keep no cache; the next turn is a full prefill
     assert _reply(engine, conversation, "Sure?", [], settings)
+
+
+def test_the_file_digest_memo_is_bounded(tmp_path, tokenizer):
+    engine = _engine(tokenizer)
+    engine.cache_size = 2
+    for i in range(20):
+        (tmp_path / f"f{i}").write_bytes(bytes([i]))
+        engine.digest(tmp_path / f"f{i}")
+    assert len(engine._digests) == 8  # 4 x cache_size, the oldest out first
+    assert str(tmp_path / "f19") in {k[0] for k in engine._digests}

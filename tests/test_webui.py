@@ -204,3 +204,13 @@ def test_in_a_real_headless_browser(ui, browser):
     else:
         driver.save_screenshot(str(ui["root"] / "webui.png"))
     assert (ui["root"] / "webui.png").exists() or os.environ.get("HILIGHT_SCREENSHOT")
+
+
+def test_the_web_ui_turns_gradio_analytics_off():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
+    out = subprocess.run([sys.executable, "-c", "import os, hilight.webui; print(os.environ['GRADIO_ANALYTICS_ENABLED'])"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr

@@ -220,6 +220,8 @@ class Engine:
         ident = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
         if ident not in self._digests:
             self._digests[ident] = file_digest(path)
+            while len(self._digests) > 4 * self.cache_size:  # one entry per file seen: bounded
+                self._digests.pop(next(iter(self._digests)))
         return self._digests[ident]
 
     @property
