@@ -356,7 +356,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                 return _error(exc)
             return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                 "finish_reason": "stop"}],
+                                 "finish_reason": usage.get("finish_reason", "stop")}],
                     "usage": _openai_usage(usage), "hilight": shown()}
 
         async def events():
@@ -371,7 +371,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                     if await request.is_disconnected():
                         break
                     yield event({"content": piece})
-                final = json.loads(event({}, "stop")[6:])
+                final = json.loads(event({}, usage.get("finish_reason", "stop"))[6:])
                 final["usage"] = _openai_usage(usage)
                 final["hilight"] = shown()
                 yield f"data: {json.dumps(final)}\n\n"

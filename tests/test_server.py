@@ -161,6 +161,29 @@ def test_an_image_url_part_is_a_one_frame_clip(served, tmp_path):
     assert reply.choices[0].message.content == _expected(served["engine"], "What is this?", [image], 6)
 
 
+def test_finish_reason_says_when_max_tokens_cut_the_answer():
+    """The bundled model ends its answers itself ("stop"); cut by max_tokens, "length", on the
+    batched path and on the engine's own."""
+    from hilight.checkpoint import BUNDLED_MODEL
+
+    clip = BUNDLED_MODEL.parents[2] / "examples" / "test-00001.mp4"
+    engine = Engine.from_checkpoint(BUNDLED_MODEL)
+    server = LocalServer(create_app(engine, "billiards-small"))
+    try:
+        for max_tokens, reason in ((64, "stop"), (3, "length")):
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+                "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+                    _video_part(clip), {"type": "text", "text": "Was the cue ball pocketed?"}]}]}).json()
+            assert r["choices"][0]["finish_reason"] == reason, r
+            assert (r["usage"]["completion_tokens"] == 3) == (reason == "length")
+            usage: dict = {}
+            list(stream_reply(engine, Conversation(), "Was the cue ball pocketed?", [clip],
+                              GenerationSettings(max_tokens), usage=usage))
+            assert usage["finish_reason"] == reason
+    finally:
+        server.stop()
+
+
 def test_markers_cannot_be_smuggled_into_text_parts(served):
     """``<vid<video>eo>`` in a text part does not become a video marker once the inner one goes."""
     from hilight.server import strip_markers

@@ -111,10 +111,13 @@ class Batcher:
         batch = collate(encoded, engine.chat.pad_id, padding_side="left")
         generate(engine.model, batch, engine.stop_ids, ready[0].settings, video_embeds=embeds, streamer=rows,
                  stopping=StoppingCriteriaList([rows]))
-        for job, enc, n, plans in zip(ready, encoded, rows.generated, planned, strict=True):
+        width = batch.input_ids.shape[1]
+        limit = min(ready[0].settings.max_new_tokens, engine.context - width)
+        for job, enc, n, plans, stopped in zip(ready, encoded, rows.generated, planned, rows.stopped, strict=True):
             rows.flush(job)
             job.emit("done", {"prompt_tokens": len(enc), "cached_tokens": 0, "completion_tokens": n,
-                              "videos": [p.info() for p in plans]})
+                              "videos": [p.info() for p in plans],
+                              "finish_reason": "length" if not stopped and n >= limit else "stop"})
 
 
 class _Rows(BaseStreamer, StoppingCriteria):
@@ -126,6 +129,7 @@ class _Rows(BaseStreamer, StoppingCriteria):
         self.sent = [""] * len(jobs)
         self.finished = [False] * len(jobs)
         self.generated = [0] * len(jobs)
+        self.stopped = [False] * len(jobs)  # ended by a stop token
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -137,7 +141,7 @@ class _Rows(BaseStreamer, StoppingCriteria):
                 continue
             self.generated[i] += 1
             if token in self.engine.stop_ids:
-                self.finished[i] = True
+                self.finished[i] = self.stopped[i] = True
                 continue
             self.tokens[i].append(token)
             text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)

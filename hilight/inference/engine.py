@@ -545,7 +545,11 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
                 held = [*keys, *output[0][0].tolist()][: kv.get_seq_length()]
                 conversation.cache = PromptCache(engine.model, held, kv)
         if usage is not None:
+            # "length": the answer was cut by max_new_tokens (or the context's end), as OpenAI says
+            tokens = output[0][0].tolist() if output else []
+            limit = min(settings.max_new_tokens, engine.context - len(encoded))
+            cut = bool(tokens) and tokens[-1] not in engine.stop_ids and streamer.generated >= limit
             usage.update(prompt_tokens=len(encoded), cached_tokens=cached, completion_tokens=streamer.generated,
-                         videos=[p.info() for p in planned])
+                         videos=[p.info() for p in planned], finish_reason="length" if cut else "stop")
     if failure:
         raise failure[0]
