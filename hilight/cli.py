@@ -585,7 +585,10 @@ def cmd_examples(args: argparse.Namespace) -> int:
         ok = extract(it.kind, it.answer) == it.truth
         right += ok
         question = " ".join(it.messages[-1].content.replace("<video>", " ").split())  # one line, without markers
-        print(f"{', '.join(v.name for v in it.videos)}: {question}")
+        shown = [Path(str(v)).name + (f" ({', '.join(f'{k}={x}' for k, x in v.sampling.to_json().items())})"
+                                      if hasattr(v, "sampling") and not v.sampling.is_default else "")
+                 for v in it.videos]
+        print(f"{', '.join(shown)}: {question}")
         print(f"  model: {it.answer}")
         print(f"  truth: {it.reference}   [{'right' if ok else 'wrong'}]")
     print(f"{right} of {len(items)} right")

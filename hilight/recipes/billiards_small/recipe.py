@@ -303,5 +303,15 @@ def bundle(run: Path, target: Path, examples: Path, count: int = 4) -> None:
                                                                                   "cue_direction", "balls_left")]
     for name in chosen:
         shutil.copy(data / "videos" / name, examples / name)
+    # one long clip of several shots, asked about its shots (read in segments)
+    long_records = json.loads((data / "test-long.json").read_text()) if (data / "test-long.json").is_file() else []
+    if long_records:
+        name = long_records[0]["video"]
+        kinds = ("which_shot_pocketed", "shot_first_pocketed", "shot_balls_left")
+        asked = [r for r in long_records if r["video"] == name and r["meta"]["types"][0] in kinds]
+        questions += asked[:4]
+        shutil.copy(data / "videos" / name, examples / name)
+        chosen.append(name)
+        truth[name] = json.loads((data / "test-long-truth.json").read_text())[name]
     (examples / "questions.json").write_text(json.dumps(questions, indent=1) + "\n")
     (examples / "truth.json").write_text(json.dumps({n: truth[n] for n in chosen}, indent=1) + "\n")
