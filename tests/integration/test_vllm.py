@@ -94,6 +94,10 @@ def test_offline_tokens_match_the_engine(tiny):
                                                     stop_token_ids=engine.stop_ids))
     got = [_until_stop(list(o.outputs[0].token_ids), engine.stop_ids) for o in outputs]
     assert got == expected
+    # frame options per request are refused, never ignored: each video is one segment here
+    with pytest.raises(ValueError, match="hilight serve"):
+        llm.generate([{**requests[0], "mm_processor_kwargs": {"num_frames": 16}}],
+                     SamplingParams(temperature=0, max_tokens=2))
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, seconds: float = 420) -> None:
