@@ -115,6 +115,7 @@ def test_clipvip_text_weights_load_into_the_text_tower(tmp_path, tokenizer):
     assert aligner.logit_scale.item() == pytest.approx(4.6)
 
 
+@pytest.mark.slow
 def test_align_command_end_to_end(tmp_path, capsys):
     data = tmp_path / "bil"
     generate_split(data, "train", 6, seed=2, cfg=TableConfig(image_size=64))

@@ -231,6 +231,7 @@ def test_shipped_configs_load():
         assert "distributed_type" in yaml.safe_load(path.read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_share_data_and_end_identical(workspace):
     cfg = _config(workspace, "ddp", max_steps=3)
     config_file = workspace / "ddp.yaml"

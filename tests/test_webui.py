@@ -206,6 +206,7 @@ def test_in_a_real_headless_browser(ui, browser):
     assert (ui["root"] / "webui.png").exists() or os.environ.get("HILIGHT_SCREENSHOT")
 
 
+@pytest.mark.slow
 def test_the_web_ui_turns_gradio_analytics_off():
     import subprocess
     import sys

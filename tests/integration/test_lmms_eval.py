@@ -1,7 +1,8 @@
 """lmms-eval with HiLight's plugin (``--model hilight``, found through the entry point) on the
 billiards test questions exported as an lmms-eval task gives the accuracy ``hilight eval`` gives
 on the same items, by letter matching and by option log-likelihood. No network: the task, its
-data and the clips are written here."""
+data and the clips are written here. Run by scripts/test-integrations.sh; skipped where
+lmms-eval is not installed."""
 
 import json
 import os
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hilight.checkpoint import BUNDLED_MODEL
-from hilight.cli import main
+pytest.importorskip("lmms_eval")
+
+from hilight.checkpoint import BUNDLED_MODEL  # noqa: E402
+from hilight.cli import main  # noqa: E402
 
 ITEMS = 12
 
