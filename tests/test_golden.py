@@ -7,6 +7,7 @@ with frame facts beside the answers. A change to any of their arithmetic moves t
 """
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -67,6 +68,23 @@ def _losses(output_dir) -> list[float]:
 
 
 def test_tiny_recipe_losses_are_pinned(tmp_path):
+    """Run in a fresh process: inside the full suite (and only there) the losses came out up to
+    0.2 % off on some runs, here and on CI, while the same run alone matched every time; some
+    state an earlier test leaves in the process (not found yet) changes the CPU kernels' path."""
+    import subprocess
+    import sys
+
+    code = f"import json, pathlib, tests.test_golden as g; print(json.dumps(g.run(pathlib.Path({str(tmp_path)!r}))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for stage, expected in GOLDEN.items():
+        assert got[stage] == pytest.approx(expected, rel=1e-4), (stage, got[stage], got["environment"])
+
+
+def run(tmp_path) -> dict:
+    """The three stages' step losses (and the environment, for a failure message)."""
     # a tokenizer of its own: the session's shared one may have grown by the time this runs
     tokenizer = train_tokenizer(DEMO_CORPUS * 20, vocab_size=400)
     _data(tmp_path, tokenizer)
@@ -85,9 +103,7 @@ def test_tiny_recipe_losses_are_pinned(tmp_path):
     train(TrainConfig(model=str(tmp_path / "stage1" / "final"), output_dir=str(tmp_path / "stage2"), data=data,
                       trainable=TrainableConfig(token_mining=True, llm=True), auxiliary=facts, lr=1e-3,
                       max_length=512, **common))
-    got = {stage: _losses(tmp_path / stage) for stage in GOLDEN}
-    for stage, expected in GOLDEN.items():
-        assert got[stage] == pytest.approx(expected, rel=1e-4), (stage, got[stage], _environment())
+    return {**{stage: _losses(tmp_path / stage) for stage in GOLDEN}, "environment": _environment()}
 
 
 def _environment() -> dict:
