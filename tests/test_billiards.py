@@ -150,6 +150,7 @@ def test_reference_metrics():
     assert token_f1("", "x") == 0.0
 
 
+@pytest.mark.slow
 def test_dataset_is_deterministic_and_consistent(tmp_path):
     a = generate_split(tmp_path / "a", "test", 6, seed=3)
     b = generate_split(tmp_path / "b", "test", 6, seed=3, workers=2)

@@ -67,6 +67,7 @@ def _losses(output_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_recipe_losses_are_pinned(tmp_path):
     """Run in a fresh process: inside the full suite (and only there) the losses came out up to
     0.2 % off on some runs, here and on CI, while the same run alone matched every time; some

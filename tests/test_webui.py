@@ -149,6 +149,7 @@ def browser():
     time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sending_while_the_upload_is_checked_answers_or_says_why_within_seconds(ui, browser):
     """The race seen before: send pressed while an upload is still being checked. Now the page
     has one session from the start and events run in order: the answer (or a clear error)
@@ -178,6 +179,7 @@ def test_sending_while_the_upload_is_checked_answers_or_says_why_within_seconds(
     wait.until(lambda d: "turn(s)" in d.page_source and "answering" not in d.page_source)
 
 
+@pytest.mark.slow
 def test_in_a_real_headless_browser(ui, browser):
     """Chromium drives the page: upload, ask, see the answer."""
     from selenium.webdriver.common.by import By
