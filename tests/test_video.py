@@ -313,3 +313,22 @@ def test_a_failed_write_leaves_the_old_clip_and_no_partial_file(tmp_path):
         write_video(clip, frame_pattern(6), codec="no-such-codec")
     assert clip.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mp4"]
+
+
+def test_special_files_are_refused_in_one_line_without_reading_them(tmp_path, capsys):
+    """A FIFO (reading it would block for ever), a directory, a symlink loop and a device named
+    like videos: `ask` and `frames` exit 2 with one line naming the path, at once."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo.mp4")
+    (tmp_path / "dir.mp4").mkdir()
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    cases = {"fifo.mp4": "not a regular file", "dir.mp4": "not a regular file", "loop.mp4": "no such file"}
+    paths = {name: str(tmp_path / name) for name in cases}
+    if os.path.exists("/dev/zero"):
+        cases["/dev/zero"], paths["/dev/zero"] = "not a regular file", "/dev/zero"
+    for name, reason in cases.items():
+        for argv in (["ask", paths[name], "What happens?"], ["frames", paths[name], "--out", str(tmp_path / "s.png")]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err  # (ask first notes what the bundled model knows)
+            assert err.splitlines()[-1] == f"hilight {argv[0]}: {paths[name]}: {reason}" and "Traceback" not in err
