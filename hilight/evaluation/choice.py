@@ -241,27 +241,11 @@ def choice_markdown(result: dict, title: str) -> str:
 
 
 def choice_chart(result: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from hilight.evaluation.qa import grouped_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {**result["per_task"], "overall": result["overall"]}
-    present = [(k, name) for k, name in COLUMNS if k in result["overall"]]
     colours = {"accuracy": "#2b6cb0", "loglikelihood_accuracy": "#68d391", "blind": "#a0aec0", "majority": "#ed8936"}
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
-    width = 0.8 / len(present)
-    for k, (key, name) in enumerate(present):
-        ax.bar([i + (k - (len(present) - 1) / 2) * width for i in range(len(rows))],
-               [r.get(key, 0) for r in rows.values()], width, label=name, color=colours[key])
-    ax.set_xticks(range(len(rows)), [t.replace("_", "\n") for t in rows], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = [(name, key, colours[key]) for key, name in COLUMNS if key in result["overall"]]
+    grouped_bars({**result["per_task"], "overall": result["overall"]}, series, path, title)
 
 
 def evaluate_choice(engine: Engine, data: Path, videos: Path, out: Path | None, settings: GenerationSettings,

@@ -233,22 +233,25 @@ def markdown(result: dict, title: str) -> str:
 
 
 def bar_chart(result: dict, path: Path, title: str) -> None:
+    series = [("model", "accuracy", "#2b6cb0"), ("blind", "blind", "#a0aec0"), ("majority", "majority", "#ed8936")]
+    if any("first_segment" in r for r in result["per_type"].values()):
+        series.insert(2, ("first segment only", "first_segment", "#68d391"))
+    grouped_bars(result["per_type"], series, path, title)
+
+
+def grouped_bars(rows: dict[str, dict], series: list[tuple[str, str, str]], path: Path, title: str) -> None:
+    """An accuracy chart: a group of bars per row, one bar per (label, key, colour) of ``series``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_type = result["per_type"]
-    names = list(per_type)
-    series = [("model", "accuracy", "#2b6cb0"), ("blind", "blind", "#a0aec0"), ("majority", "majority", "#ed8936")]
-    if any("first_segment" in r for r in per_type.values()):
-        series.insert(2, ("first segment only", "first_segment", "#68d391"))
+    names = list(rows)
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.1), 4))
     width = 0.8 / len(series)
     for k, (label, key, colour) in enumerate(series):
-        values = [per_type[n].get(key, 0) for n in names]
-        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(names))], values, width, label=label,
-               color=colour)
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(names))],
+               [rows[n].get(key, 0) for n in names], width, label=label, color=colour)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

@@ -116,6 +116,15 @@ def conversations(split: str, truths: list[ShotTruth], seed: int) -> list[dict]:
     return records
 
 
+def _make_all(make, jobs: list, desc: str, workers: int, chunksize: int) -> list:
+    """``make`` on every job, in order, in ``workers`` processes (one: in this one), with a bar."""
+    bar = dict(total=len(jobs), desc=desc, unit="clip")
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            return list(tqdm(pool.map(make, jobs, chunksize=chunksize), **bar))
+    return [make(job) for job in tqdm(jobs, **bar)]
+
+
 def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfig | None = None,
                    workers: int = 1) -> SplitFiles:
     """Generate ``clips`` clips of ``split`` under ``out`` (see the module docstring)."""
@@ -125,12 +134,7 @@ def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfi
     video_dir = out / "videos"
     video_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, seed, split, i, video_dir) for i in range(clips)]
-    bar = dict(total=clips, desc=f"billiards {split}", unit="clip")
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            made = list(tqdm(pool.map(make_clip, jobs, chunksize=4), **bar))
-    else:
-        made = [make_clip(job) for job in tqdm(jobs, **bar)]
+    made = _make_all(make_clip, jobs, f"billiards {split}", workers, chunksize=4)
     truth_json, tracks = [m[0] for m in made], [m[1] for m in made]
     truths = [_truth_from_json(t) for t in truth_json]
     records = conversations(split, truths, seed)
@@ -182,12 +186,7 @@ def generate_long_split(out: Path, split: str, clips: int, seed: int, frames_per
     video_dir = out / "videos"
     video_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, seed, split, i, shots, video_dir) for i in range(clips)]
-    bar = dict(total=clips, desc=f"billiards long {split}", unit="clip")
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            made = list(tqdm(pool.map(make_long, jobs, chunksize=2), **bar))
-    else:
-        made = [make_long(job) for job in tqdm(jobs, **bar)]
+    made = _make_all(make_long, jobs, f"billiards long {split}", workers, chunksize=2)
     rng = _seed(seed, split, clips, 102)
     records = []
     for i, truths in enumerate(made):
