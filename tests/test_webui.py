@@ -149,7 +149,6 @@ def browser():
     time.sleep(0.1)
 
 
-@pytest.mark.slow
 def test_sending_while_the_upload_is_checked_answers_or_says_why_within_seconds(ui, browser):
     """The race seen before: send pressed while an upload is still being checked. Now the page
     has one session from the start and events run in order: the answer (or a clear error)
