@@ -290,6 +290,7 @@ class LoopConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    group_by_length: bool = False  # batches of samples of about one length (less padding)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every"):

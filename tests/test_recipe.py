@@ -34,6 +34,14 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
     assert {k: v for k, v in resumed["seconds"].items() if not k.startswith(("7", "8"))} == \
         {k: v for k, v in summary["seconds"].items() if not k.startswith(("7", "8"))}
     assert "single_video" in json.loads(report_file.read_text())
+    # a run stopped inside a training step continues from that step's newest checkpoint
+    stage2 = tmp_path / "run" / "stage2"
+    shutil.rmtree(stage2 / "final")
+    shutil.rmtree(stage2 / "checkpoint-2")
+    assert (stage2 / "checkpoint-1").is_dir()
+    continued = billiards_small(tmp_path / "run", cfg, workers=1)
+    assert continued["resumed_at_step"] == {"7 stage 2 (full fine-tune)": 1}
+    assert [json.loads(x)["step"] for x in (stage2 / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     with pytest.raises(RecipeError, match="other settings"):
         billiards_small(tmp_path / "run", load_recipe(None, ["seed=2", "clips=10"]), workers=1)
     # stage 2 trains on the questions plus three inventory questions per training clip

@@ -78,18 +78,39 @@ def test_batches_give_each_rank_a_distinct_share():
     assert _batches(10, 3, 1, 0, 0, 1) != _batches(10, 3, 1, 1, 0, 1)  # a new order each epoch
 
 
+def test_batches_grouped_by_length_pad_less_and_keep_every_sample():
+    lengths = [30 if i % 7 == 0 else 10 for i in range(700)]  # one long sample in seven
+    plain = _batches(700, 16, seed=0, epoch=0, rank=0, world=1)
+    grouped = _batches(700, 16, seed=0, epoch=0, rank=0, world=1, lengths=lengths)
+    assert sorted(sum(grouped, [])) == sorted(sum(plain, []))  # the same samples, once each
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded(grouped) < 0.6 * padded(plain)
+    assert grouped != _batches(700, 16, seed=0, epoch=1, rank=0, world=1, lengths=lengths)
+    # two ranks: disjoint shares, and each global batch holds samples of one length
+    shares = [_batches(700, 4, seed=0, epoch=0, rank=r, world=2, lengths=lengths) for r in range(2)]
+    assert not set(sum(shares[0], [])) & set(sum(shares[1], []))
+    mixed = sum(len({lengths[i] for i in a + b}) > 1 for a, b in zip(*shares, strict=True))
+    assert mixed <= 2  # only where a window's long samples run out
+
+
 @pytest.mark.parametrize("stage", ["stage1", "lora+tm"])
 def test_resume_ends_where_an_uninterrupted_run_ends(workspace, stage):
     overrides = STAGES[stage][0]
     full = train(_config(workspace, f"{stage}-full", **overrides))
     # a second run picks up from the step-4 checkpoint that the first run wrote
+    # (and its metrics.jsonl as a kill after step 8 leaves it, a cut-off line at its end)
     resumed_dir = workspace / f"{stage}-resumed"
     resumed_dir.mkdir()
     shutil.copytree(workspace / f"{stage}-full" / "checkpoint-4", resumed_dir / "checkpoint-4")
+    logged = (workspace / f"{stage}-full" / "metrics.jsonl").read_text()
+    (resumed_dir / "metrics.jsonl").write_text(logged + '{"step": 9, "lo')
     resumed = train(_config(workspace, f"{stage}-resumed", **overrides), resume=True)
     assert resumed["final_loss"] == pytest.approx(full["final_loss"], rel=1e-5, abs=1e-6)
     ranks = [json.loads((workspace / d / "ranks" / "rank-0.json").read_text()) for d in (f"{stage}-full", f"{stage}-resumed")]
     assert ranks[0]["trainable_sha256"] == ranks[1]["trainable_sha256"]
+    steps = [json.loads(x)["step"] for x in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # the steps after the checkpoint are logged once
     rows = [json.loads(x) for x in (workspace / f"{stage}-full" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]  # the loss falls
     assert (workspace / f"{stage}-full" / "loss.png").is_file()

@@ -143,12 +143,26 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  lengths: list[int] | None = None) -> list[list[int]]:
     """This rank's micro-batches of one epoch: a seeded permutation, padded to a multiple of the
-    world size, split round-robin so ranks never share a sample."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    world size, split round-robin so ranks never share a sample.
+
+    With ``lengths`` (each sample's sequence length) the permutation is grouped by length, as
+    transformers' ``group_by_length`` does: within windows of 50 global batches, samples are
+    sorted longest first and cut into global batches, whose order is shuffled again, so a batch
+    pads to samples of about its own length instead of the longest of the data set."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
     total = math.ceil(n / (batch_size * world)) * batch_size * world
     order = (order * math.ceil(total / n))[:total]
+    if lengths is not None:
+        step, window = batch_size * world, batch_size * world * 50
+        chunks = []
+        for start in range(0, total, window):
+            ranked = sorted(order[start:start + window], key=lambda i: -lengths[i])
+            chunks += [ranked[i:i + step] for i in range(0, len(ranked), step)]
+        order = [i for c in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[c]]
     mine = order[rank::world]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
@@ -162,11 +176,13 @@ def fit(
     sample_id: Callable[[int], str],
     validate: Callable[[torch.nn.Module], float] | None = None,
     resume: bool = False,
+    lengths: list[int] | None = None,
 ) -> dict:
     """Optimise the trainable parameters of ``model`` on ``n_samples`` samples.
 
     ``batch_loss(model, indices)`` returns the loss of one micro-batch (the indices are this
-    rank's share). Returns the final loss, steps, world size and the unwrapped model.
+    rank's share); ``lengths`` (with ``cfg.group_by_length``) groups batches by sample length
+    (:func:`epoch_batches`). Returns the final loss, steps, world size and the unwrapped model.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -188,14 +204,20 @@ def fit(
     raw = accelerator.unwrap_model(model)
 
     metrics_file = out_dir / "metrics.jsonl"
-    if main and not resume and metrics_file.exists():
-        metrics_file.unlink()
+    if main and metrics_file.exists():
+        if resume:  # the steps after the checkpoint run again; keep their records once
+            kept = [line for line in metrics_file.read_text().splitlines()
+                    if _logged_step(line) is not None and _logged_step(line) <= progress["step"]]
+            metrics_file.write_text("".join(line + "\n" for line in kept))
+        else:
+            metrics_file.unlink()
     bar = tqdm(total=cfg.max_steps, initial=progress["step"], desc="training", disable=not main, unit="step")
     seen, started, last_loss = 0, time.perf_counter(), float("nan")
     shown: list[str] = []  # ids of the samples this rank trained on (diagnostics)
     window: list[float] = []
     while progress["step"] < cfg.max_steps:
-        batches = epoch_batches(n_samples, cfg.batch_size, cfg.seed, progress["epoch"], rank, world)
+        batches = epoch_batches(n_samples, cfg.batch_size, cfg.seed, progress["epoch"], rank, world,
+                                lengths if cfg.group_by_length else None)
         for b in range(progress["batch_in_epoch"], len(batches)):
             shown += [sample_id(i) for i in batches[b]]
             with accelerator.accumulate(model), accelerator.autocast():
@@ -262,6 +284,14 @@ def finish(accelerator: Accelerator) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` line; None for a line a kill cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def plot_losses(metrics_file: Path, png: Path) -> None:

@@ -171,7 +171,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         return total / max(count, 1)
 
     result = fit(cfg, accelerator, trainee, len(train_set), lambda m, idx: loss_of(m, train_set, idx),
-                 lambda i: train_set.samples[i].id, validate if val_set is not None and len(val_set) else None, resume)
+                 lambda i: train_set.samples[i].id, validate if val_set is not None and len(val_set) else None,
+                 resume, [len(s.encoded) for s in train_set.samples])
     final = out_dir / "final"
     if accelerator.is_main_process:
         trained = result["model"]

@@ -103,11 +103,13 @@ class Progress:
         self.settings = json.loads(json.dumps(settings))  # as recipe.json holds them (tuples are lists)
         self.seconds: dict[str, float] = {}
         self.ran = False  # once a step runs, every later step runs again too
+        self.resumed: dict[str, int] = {}  # training steps continued from a checkpoint: its step
         if self.file.is_file():
             previous = json.loads(self.file.read_text())
             if previous.get("settings") != self.settings:
                 raise RecipeError(f"{out}: holds a recipe run with other settings; choose another --out")
             self.seconds = previous.get("seconds", {})
+            self.resumed = previous.get("resumed_at_step", {})
 
     def step(self, name: str, output: Path, work: Callable[[], None]) -> None:
         """Run ``work`` unless this step (and every step before it) finished before and its
@@ -122,9 +124,31 @@ class Progress:
         log.info("%s: %.1f s", name, self.seconds[name])
         self.save()
 
+    def training(self, name: str, cfg, run: Callable[..., dict]) -> None:
+        """A training step, ``run(cfg, resume)``: checkpointed as it goes, and picked up from its
+        newest checkpoint when an earlier invocation stopped inside it; started afresh (its old
+        checkpoints removed) when an earlier step ran again in this invocation."""
+        from hilight.training.loop import latest_checkpoint
+
+        folder = Path(cfg.output_dir)
+        afresh = self.ran
+
+        def work() -> None:
+            if afresh and folder.exists():
+                shutil.rmtree(folder)
+            checkpoint = latest_checkpoint(folder) if folder.exists() else None
+            if checkpoint is not None:
+                log.info("%s: continues from %s", name, checkpoint)
+                self.resumed[name] = int(checkpoint.name.split("-")[1])
+            run(cfg, resume=checkpoint is not None)
+
+        self.step(name, folder / "final" / "config.json", work)
+
     def save(self, **extra) -> dict:
         summary = {"settings": self.settings, "seconds": self.seconds,
                    "total_seconds": round(sum(self.seconds.values()), 1), **extra}
+        if self.resumed:  # those steps' seconds are of their last part only
+            summary["resumed_at_step"] = self.resumed
         self.file.write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
@@ -181,7 +205,12 @@ def _prepare(out: Path, data: Path, cfg: RecipeConfig, workers: int, progress: P
     for name, tower, model, steps in ((STEPS[2], "video", out / "base", cfg.align_steps),
                                       (STEPS[3], "image", out / "align-video" / "final", cfg.image_align_steps)):
         align_cfg = align_config(model, tower, data, out / f"align-{tower}", out / "frames", steps, cfg)
-        progress.step(name, out / f"align-{tower}" / "final" / "config.json", lambda c=align_cfg: align(c))
+        progress.training(name, align_cfg, align)
+
+
+def checkpoint_every(steps: int) -> int:
+    """A training step of the recipe saves ten checkpoints, so a stopped run loses little."""
+    return max(1, steps // 10)
 
 
 def align_config(model: Path, tower: str, data: Path, output: Path, frames: Path, steps: int,
@@ -195,7 +224,7 @@ def align_config(model: Path, tower: str, data: Path, output: Path, frames: Path
     auxiliary = AuxiliaryConfig(objective=TOWER_FACTS if cfg.frame_facts_weight else "", weight=cfg.frame_facts_weight)
     return AlignConfig(model=str(model), tower=tower, output_dir=str(output), text_tower=text_tower, data=align_data,
                        loss=AlignLossConfig(), auxiliary=auxiliary, max_steps=steps, batch_size=cfg.batch_size,
-                       lr=1e-3, warmup_ratio=0.05, eval_every=steps, save_every=steps, seed=cfg.seed,
+                       lr=1e-3, warmup_ratio=0.05, eval_every=steps, save_every=checkpoint_every(steps), seed=cfg.seed,
                        precision=cfg.align_precision)
 
 
@@ -236,9 +265,10 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig
         stage_data = vlm_data if folder == "stage1" else replace(vlm_data, train=str(train_records))
         train_cfg = TrainConfig(model=str(start_from), output_dir=str(out / folder), data=stage_data,
                                 trainable=trainable, max_steps=steps, batch_size=cfg.batch_size, lr=lr,
-                                warmup_ratio=0.03, eval_every=max(1, steps // 4), save_every=steps, max_length=512,
-                                seed=cfg.seed, auxiliary=auxiliary, lm_weight=lm_weight, precision=cfg.vlm_precision)
-        progress.step(name, out / folder / "final" / "config.json", lambda c=train_cfg: train(c))
+                                warmup_ratio=0.03, eval_every=max(1, steps // 4), save_every=checkpoint_every(steps),
+                                max_length=512, seed=cfg.seed, auxiliary=auxiliary, lm_weight=lm_weight,
+                                precision=cfg.vlm_precision, group_by_length=True)
+        progress.training(name, train_cfg, train)
     return out / "stage2" / "final"
 
 
