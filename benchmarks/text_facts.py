@@ -1,0 +1,87 @@
+"""The LLM's own ceiling on the billiards questions: the same questions with each sampled frame's
+true facts given as text (``hilight.recipes.billiards_small.text_facts``), the bundled recipe's
+LLM size and stage-2 step budget, text only (no towers).
+
+It reads a finished (or at least prepared) recipe run: its data set and its ``base`` checkpoint
+(random weights, the trained tokenizer), trains the LLM from those random weights on the
+text-facts versions of the training questions (with the inventory questions, as stage 2 has),
+and answers the test split's, scored as ``hilight eval`` scores the model's own answers.
+
+    .venv/bin/python benchmarks/text_facts.py --run runs/billiards-small [--steps 4000] \
+        [--out benchmarks/results/text-facts.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from hilight.checkpoint import read_config
+from hilight.config import DataConfig, TrainableConfig, TrainConfig
+from hilight.data import read_records
+from hilight.evaluation.qa import load_items, markdown, report, run
+from hilight.inference.engine import Engine, GenerationSettings
+from hilight.recipes.billiards_small.questions import inventory_records
+from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe
+from hilight.recipes.billiards_small.text_facts import text_facts_records, write_text_facts
+from hilight.training.loop import latest_checkpoint
+from hilight.training.vlm import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a billiards-small recipe run (its data/ and base/)")
+    parser.add_argument("--work", type=Path, help="where the text-facts data and model go (default: RUN/text-facts)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the recipe's stage 2 steps)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text-facts.json"))
+    args = parser.parse_args()
+
+    cfg = load_recipe()
+    steps = args.steps or cfg.stage2_steps
+    work = args.work or args.run / "text-facts"
+    data, base = args.run / "data", args.run / "base"
+    video_cfg = read_config(base).video
+    files = write_text_facts(data, work / "data", video_cfg)
+    inventory = text_facts_records(inventory_records(data, video_cfg), read_records(data / "train-captions.json"),
+                                   video_cfg)
+    train_file = work / "data" / "train-with-inventory.json"
+    train_file.write_text(json.dumps(read_records(files["train"]) + inventory) + "\n")
+
+    folder = work / "llm"
+    train_cfg = TrainConfig(model=str(base), output_dir=str(folder),
+                            data=DataConfig(train=str(train_file), val=str(files["val"]), videos=str(data / "videos")),
+                            trainable=TrainableConfig(token_mining=False, llm=True), max_steps=steps,
+                            batch_size=cfg.batch_size, lr=1e-3, warmup_ratio=0.03, eval_every=max(1, steps // 4),
+                            save_every=checkpoint_every(steps), max_length=1024, seed=cfg.seed,
+                            precision=cfg.vlm_precision, group_by_length=True)
+    start = time.perf_counter()
+    if not (folder / "final" / "config.json").is_file():
+        train(train_cfg, resume=folder.exists() and latest_checkpoint(folder) is not None)
+    train_s = time.perf_counter() - start
+
+    engine = Engine.from_checkpoint(folder / "final")
+    items, problems = load_items(files["test"], data / "videos")
+    failed = run(engine, items, GenerationSettings(max_new_tokens=24), batch_size=16, blind=True)
+    result = report(items, failed, problems)
+    (work / "report.md").write_text(markdown(result, "the text-facts ceiling: true frame facts as text"))
+    model_report = args.run / "report" / "report.json"
+    model = json.loads(model_report.read_text()) if model_report.is_file() else {}
+    summary = {
+        "machine": platform.processor() or platform.machine(), "steps": steps, "train_seconds": round(train_s, 1),
+        "prompt_tokens_max": max(len(engine.chat.encode(it.messages, generation=True).input_ids) for it in items),
+        **{group: result[group] for group in ("single_video", "two_video", "overall") if group in result},
+        "per_type": {t: {k: v[k] for k in ("n", "accuracy", "blind", "majority")} for t, v in result["per_type"].items()},
+        "model_own_answers": {group: model[group] for group in ("single_video", "two_video") if group in model},
+        "failed": len(failed), "skipped_records": problems,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: summary[k] for k in ("single_video", "two_video", "model_own_answers", "train_seconds")
+                      if k in summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

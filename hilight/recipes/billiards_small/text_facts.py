@@ -1,0 +1,89 @@
+"""The text-facts task: the billiards questions with each sampled frame's true facts as text.
+
+In place of each ``<video>`` a record gets one short line per frame the model would be shown,
+naming every ball on the table and its cell on a grid over the table (columns ``a``-``h`` from
+the left, rows ``1``-``8`` from the top)::
+
+    frame 1: cue d5, red b2, blue g7
+    frame 2: cue d4, red b2, blue g7
+
+A ball that has gone into a pocket is simply no longer listed. With the perception taken away,
+an LLM trained on these records shows what the LLM itself can learn of the questions: the
+ceiling of the chain that ends at the model's own answers.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from hilight.config import VideoInputConfig
+from hilight.data import read_records
+from hilight.errors import DataError
+from hilight.text import VIDEO_TOKEN
+from hilight.video import FrameIndex, choose_frames
+
+GRID = 8
+
+
+def cell(x: float, y: float, grid: int = GRID) -> str:
+    """The grid cell of a position given as fractions of the frame: ``"d5"``."""
+    column = min(grid - 1, max(0, int(x * grid)))
+    row = min(grid - 1, max(0, int(y * grid)))
+    return f"{string.ascii_lowercase[column]}{row + 1}"
+
+
+def fact_lines(tracks: dict, video_cfg: VideoInputConfig, grid: int = GRID) -> list[str]:
+    """One line per frame the model is shown (``video_cfg``'s sampling of the clip's frames):
+    each ball still on the table, in the order ``tracks`` names them, and its grid cell."""
+    xy = torch.tensor(tracks["xy"], dtype=torch.float32).view(len(tracks["xy"]), -1, 2)  # [F, N, 2]
+    index = FrameIndex(pts=list(range(len(xy))), keyframes=[0], time_base=Fraction(1, int(tracks["fps"])))
+    lines = []
+    for k, frame in enumerate(choose_frames(index, video_cfg), 1):
+        balls = [f"{name} {cell(float(x), float(y), grid)}" for name, (x, y) in zip(tracks["names"], xy[frame].tolist(),
+                                                                                      strict=True) if x >= 0]
+        lines.append(f"frame {k}: " + (", ".join(balls) if balls else "no ball"))
+    return lines
+
+
+def text_facts_records(records: list[dict], captions: list[dict], video_cfg: VideoInputConfig,
+                       grid: int = GRID) -> list[dict]:
+    """``records`` with every ``<video>`` replaced by its clip's fact lines (and no videos).
+    Records read in segments (``sampling``) are left out: the task is the one-block questions."""
+    tracks = {c["video"]: c["tracks"] for c in captions}
+    out = []
+    for rec in records:
+        if rec.get("sampling"):
+            continue
+        names = rec["video"] if isinstance(rec["video"], list) else [rec["video"]]
+        missing = [n for n in names if n not in tracks]
+        if missing:
+            raise DataError(f"record {rec.get('id')}: no tracks for {missing[0]}")
+        blocks = iter("\n".join(fact_lines(tracks[n], video_cfg, grid)) for n in names)
+        turns = []
+        for turn in rec["conversations"]:
+            value = turn["value"]
+            while VIDEO_TOKEN in value:
+                value = value.replace(VIDEO_TOKEN, next(blocks), 1)
+            turns.append({**turn, "value": value})
+        text = {k: v for k, v in rec.items() if k not in ("video", "conversations")}
+        out.append({**text, "conversations": turns})
+    return out
+
+
+def write_text_facts(data: Path, out: Path, video_cfg: VideoInputConfig,
+                     splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Path]:
+    """The text-facts version of a billiards data set's ``splits`` under ``out``; returns
+    {split: file}. Every split's captions (``{split}-captions.json``) hold its tracks."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in splits:
+        records = text_facts_records(read_records(data / f"{split}.json"),
+                                     read_records(data / f"{split}-captions.json"), video_cfg)
+        files[split] = out / f"{split}.json"
+        files[split].write_text(json.dumps(records) + "\n")
+    return files
