@@ -483,9 +483,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     card = read_card(path)
     name = card.get("name") or path.name
     engine = _engine(args)
+    api_key = args.api_key or os.environ.get("HILIGHT_API_KEY") or None
     app = create_app(engine, name, allowed_dir=args.allow_dir, max_video_bytes=args.max_video_mb << 20,
-                     max_concurrent=args.max_concurrent, queue_limit=args.queue, card=card, max_batch=args.max_batch)
-    _warn_if_exposed(args.host)
+                     max_concurrent=args.max_concurrent, queue_limit=args.queue, card=card, max_batch=args.max_batch,
+                     api_key=api_key)
+    if not api_key:
+        _warn_if_exposed(args.host)
     print(f"HiLight API on http://{args.host}:{args.port}/v1 serving {name} ({path}); videos up to "
           f"{args.max_video_mb} MB, up to {args.max_batch} requests generated together, {args.queue} waiting; "
           f"file:// videos {'under ' + str(args.allow_dir) if args.allow_dir else 'off'}", flush=True)
@@ -699,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that wait together are generated together, up to this many (1: one at a time)")
     p.add_argument("--max-concurrent", type=int, default=1, help="beam-search generations at once (never batched)")
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait; more get 503")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
+                                     "HILIGHT_API_KEY variable; none: open to whoever reaches the port)")
 
     p = command("batch", cmd_batch, "answer a manifest of (video, question) items on Ray Data, resumably")
     p.add_argument("manifest", type=Path,

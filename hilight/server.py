@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import logging
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -64,11 +67,22 @@ class Part(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str | list[Part]
+    name: str | None = None  # a participant's name (OpenAI): not shown to the model
+
+
+# OpenAI parameters HiLight does not implement: refused by name unless they ask for what it does
+# anyway (the value here), never silently ignored
+UNSUPPORTED = {"tools": None, "tool_choice": "none", "functions": None, "function_call": "none",
+               "response_format": {"type": "text"}, "logprobs": False, "top_logprobs": None,
+               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "stop": None,
+               "parallel_tool_calls": None, "audio": None, "modalities": ["text"], "prediction": None}
 
 
 class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # checked by unsupported(): named, not a pydantic dump
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
@@ -78,12 +92,30 @@ class ChatRequest(BaseModel):
     top_k: int = Field(default=0, ge=0, le=1000)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: dict | None = None  # the last chunk always carries usage
+    seed: int | None = None  # greedy answers are the same every time; sampling with a seed is refused
+    user: str | None = None
     # HiLight's own field (OpenAI clients send it with extra_body): answer a conversation that
     # holds no video; without it such a request is refused, never answered blind
     allow_no_video: bool = False
     # vLLM's per-request media options (extra_body): how every video of the request is sampled
     mm_processor_kwargs: dict | None = None
     media_io_kwargs: dict[str, dict] | None = None
+
+
+def unsupported(req: ChatRequest) -> APIError | None:
+    """The first parameter of ``req`` HiLight would otherwise ignore, as a 400 naming it."""
+    for key, value in (req.model_extra or {}).items():
+        if key not in UNSUPPORTED:
+            return APIError(400, f"{key}: unknown parameter", param=key)
+        if value is not None and value != UNSUPPORTED[key] and value not in ([], {}):
+            return APIError(400, f"{key}: not supported by HiLight (supported: model, messages, max_tokens, "
+                                 "max_completion_tokens, temperature, top_p, top_k, n=1, stream, seed with "
+                                 "temperature 0, mm_processor_kwargs, media_io_kwargs)", param=key)
+    if req.seed is not None and req.temperature > 0:
+        return APIError(400, "seed: sampling with a seed is not supported (with temperature 0 every answer is "
+                             "the same)", param="seed")
+    return None
 
 
 def strip_markers(text: str) -> str:
@@ -95,7 +127,7 @@ def strip_markers(text: str) -> str:
 
 
 def _error(exc: APIError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content={
+    return JSONResponse(status_code=exc.status, headers={"Retry-After": "1"} if exc.status == 503 else None, content={
         "error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}})
 
 
@@ -108,37 +140,60 @@ def _openai_usage(usage: dict) -> dict:
 
 
 class Gate:
-    """At most ``concurrent`` generations at once and ``queue`` waiting; more get 503."""
+    """At most ``concurrent`` generations at once and ``queue`` waiting; more get 503 when they
+    arrive, before any answer starts."""
 
     def __init__(self, concurrent: int, queue: int):
         self.slots = asyncio.Semaphore(concurrent)
         self.limit = concurrent + queue
         self.inside = 0
 
-    async def __aenter__(self):
+    def admit(self, workdir: Path) -> Admission:
         if self.inside >= self.limit:
             raise APIError(503, "the server is busy: too many requests are waiting", "server_busy")
         self.inside += 1
-        try:
-            await self.slots.acquire()
-        except BaseException:
-            self.inside -= 1
-            raise
-        return self
+        return Admission(self, workdir)
 
-    async def __aexit__(self, *exc) -> None:
-        self.slots.release()
-        self.inside -= 1
+
+class Admission:
+    """One admitted request: its place at the gate, the slot it runs in, and its temp directory,
+    all given back exactly once however the request ends (answered, refused, client gone)."""
+
+    def __init__(self, gate: Gate, workdir: Path):
+        self.gate, self.workdir = gate, workdir
+        self.running = self.closed = self.started = False
+
+    async def run(self) -> None:
+        """Wait for a generation slot."""
+        self.started = True
+        await self.gate.slots.acquire()
+        self.running = True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.running:
+            self.gate.slots.release()
+        self.gate.inside -= 1
+        _cleanup(self.workdir)
+
+    def abandon(self) -> None:
+        """A response dropped before its answer began (its client went away first)."""
+        if not self.started:
+            self.close()
 
 
 def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_video_bytes: int = 64 << 20,
                max_request_bytes: int = 96 << 20, max_concurrent: int = 1, queue_limit: int = 32,
-               card: dict | None = None, max_batch: int = 8) -> FastAPI:
+               card: dict | None = None, max_batch: int = 8, api_key: str | None = None) -> FastAPI:
     """The API for ``engine``'s model, served as ``name``; ``card`` (the checkpoint's model card)
-    is shown by ``/v1/models``. Requests that wait together are generated together, up to
+    is shown by ``/v1/models``; with ``api_key`` every route but ``/health`` needs it as a bearer
+    token. Requests that wait together are generated together, up to
     ``max_batch`` at once (:class:`hilight.inference.batching.Batcher`; beam search runs alone,
     ``max_concurrent`` at a time)."""
     app = FastAPI(title="HiLight", version="1")
+    app.state.gate = Gate(max(max_concurrent, max_batch), queue_limit)
     state: dict = {}
     settings_cap = 4096
 
@@ -152,13 +207,9 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
         where = ".".join(str(p) for p in first["loc"][1:])
         return _error(APIError(400, f"{where}: {first['msg']}", param=where or None))
 
-    @app.middleware("http")
-    async def limit_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_request_bytes:
-            return _error(APIError(413, f"request body of {length} bytes exceeds {max_request_bytes}",
-                                   "request_too_large"))
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
+    if api_key:
+        app.add_middleware(APIKey, key=api_key)
 
     @app.get("/health")
     async def health():
@@ -188,9 +239,15 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
         if url.startswith("file://"):
             if allowed_dir is None:
                 raise APIError(400, "video_url: file:// URLs are disabled (start the server with --allow-dir)")
-            path = Path(url.removeprefix("file://")).resolve()
+            named = urllib.parse.unquote(url.removeprefix("file://"))
+            if "\x00" in named:
+                raise APIError(400, "video_url: a file:// path cannot hold a NUL byte")
+            try:
+                path = Path(named).resolve()
+            except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+                raise APIError(400, f"video_url: {url}: cannot be resolved ({type(exc).__name__})") from None
             if not path.is_relative_to(allowed_dir.resolve()):
-                raise APIError(400, f"video_url: {path} is outside the allowed directory")
+                raise APIError(400, f"video_url: {url} is outside the allowed directory")
             return path
         raise APIError(400, "video_url: use a data: URL or an allowed file:// path")
 
@@ -257,13 +314,16 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
         settings = GenerationSettings.from_request(min(limit, settings_cap), req.temperature, req.top_p, req.top_k)
         workdir = Path(tempfile.mkdtemp(prefix="hilight-req-"))
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        gate: Gate = state.setdefault("gate", Gate(max(max_concurrent, max_batch), queue_limit))
+        gate: Gate = app.state.gate
         batcher: Batcher | None = None
         if max_batch > 1 and settings.num_beams == 1:
             if "batcher" not in state:
                 state["batcher"] = app.state.batcher = Batcher(engine, max_batch)
             batcher = state["batcher"]
         try:
+            refused = unsupported(req)
+            if refused is not None:
+                raise refused
             if req.model is not None and req.model != name:
                 raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{name}`",
                                param="model")
@@ -271,6 +331,7 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
             if not videos and not conversation.videos and not req.allow_no_video:
                 raise APIError(400, "no video in this conversation: add a video_url part to a user message "
                                     "(or send allow_no_video: true to ask without one)", param="messages")
+            admission = gate.admit(workdir)  # a 503 now, before any answer starts
         except APIError:
             _cleanup(workdir)
             raise
@@ -328,26 +389,30 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                 loop.call_soon_threadsafe(chunks.put_nowait, ("error", APIError(500, str(exc), "server_error")))
 
         async def pieces():
-            async with gate:
-                task = loop.run_in_executor(None, produce) if batcher is None else None
-                if batcher is not None:  # results arrive through emit(), from the batcher's thread
+            task = None
+            try:
+                await admission.run()
+                if batcher is None:
+                    task = loop.run_in_executor(None, produce)
+                else:  # results arrive through emit(), from the batcher's thread
                     try:
                         produce()
                     except ConversationError as exc:
                         emit("error", exc)
-                try:
-                    while True:
-                        kind, value = await chunks.get()
-                        if kind == "done":
-                            break
-                        if kind == "error":
-                            raise value
-                        yield value
-                finally:
-                    cancel.set()  # a client that went away frees the slot
-                    if task is not None:
-                        await task
-                    _cleanup(workdir)
+                while True:
+                    kind, value = await chunks.get()
+                    if kind == "done":
+                        break
+                    if kind == "error":
+                        raise value
+                    yield value
+            finally:
+                cancel.set()  # a client that went away frees the slot once its generation stops
+                if task is not None and not task.done():
+                    # never awaited here: a cancelled request's awaits are cancelled again
+                    task.add_done_callback(lambda _: admission.close())
+                else:
+                    admission.close()
 
         if not req.stream:
             try:
@@ -366,8 +431,9 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                 return f"data: {json.dumps(body)}\n\n"
 
             yield event({"role": "assistant", "content": ""})
+            answer = pieces()
             try:
-                async for piece in pieces():
+                async for piece in answer:
                     if await request.is_disconnected():
                         break
                     yield event({"content": piece})
@@ -377,14 +443,66 @@ def create_app(engine: Engine, name: str, allowed_dir: Path | None = None, max_v
                 yield f"data: {json.dumps(final)}\n\n"
             except APIError as exc:
                 yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind, 'code': exc.status}})}\n\n"
+            finally:
+                await answer.aclose()  # its own finally gives the slot and the temp files back
             yield "data: [DONE]\n\n"
 
-        if gate.inside >= gate.limit:
-            _cleanup(workdir)
-            return _error(APIError(503, "the server is busy: too many requests are waiting", "server_busy"))
-        return StreamingResponse(events(), media_type="text/event-stream")
+        response = StreamingResponse(events(), media_type="text/event-stream")
+        weakref.finalize(response, admission.abandon)  # a stream that never began
+        return response
 
     return app
+
+
+class BodyLimit:
+    """413 for a request body over ``limit`` bytes, counted as it arrives (a chunked body has no
+    Content-Length to trust), before the app reads or parses any of it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"")
+        too_large = _error(APIError(413, f"request body exceeds {self.limit} bytes", "request_too_large"))
+        if length.isdigit() and int(length) > self.limit:
+            return await too_large(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class APIKey:
+    """401 unless the request carries ``Authorization: Bearer KEY`` (compared in constant
+    time); ``/health`` stays open for load balancers."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                refusal = _error(APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                          "authentication_error"))
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _cleanup(workdir: Path) -> None:

@@ -12,6 +12,7 @@ and the ``<eos>``; everything else, including the visual positions, is ``IGNORE_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -90,6 +91,20 @@ class ChatTokenizer:
         self.end_of_turn_id = self._special(END_OF_TURN)
         self.pad_id = self._special(tokenizer.pad_token)
 
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most characters one token stands for (a bound, read from the vocabulary)."""
+        return max(1, max((len(t) for t in self.tok.get_vocab()), default=1))
+
+    def check_length(self, messages: Sequence[Message], limit: int) -> None:
+        """Refuse, before any tokenizing, text that cannot fit in ``limit`` tokens whatever its
+        tokens are (none stands for more than :attr:`longest_token` characters): a 50 MB message
+        costs a length check, not a tokenizer pass."""
+        chars = sum(len(m.content) for m in messages)
+        if chars > limit * self.longest_token:
+            raise ConversationError(f"the conversation's text is {chars:,} characters, more than "
+                                    f"{limit:,} tokens can hold (at most {limit * self.longest_token:,})")
+
     def _special(self, token: str | None) -> int:
         ids = self.tok.convert_tokens_to_ids([token]) if token else [None]
         if ids[0] is None or ids[0] == self.tok.unk_token_id:
@@ -139,6 +154,8 @@ class ChatTokenizer:
         entry per ``<video>`` in reading order: ``None`` for a video in one block, or the labels
         of its segments."""
         validate(messages, generation)
+        if max_length is not None and (generation or truncation == "error"):
+            self.check_length(messages, max_length)
         if layouts is not None and len(layouts) != count_videos(messages):
             raise ConversationError(f"{count_videos(messages)} {VIDEO_TOKEN} marker(s) for {len(layouts)} video(s)")
         order = iter(layouts) if layouts is not None else None

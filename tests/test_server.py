@@ -23,7 +23,7 @@ def served(tmp_path_factory, tokenizer):
                      queue_limit=24)
     server = LocalServer(app)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    yield {"client": client, "url": server.url, "clips": clips, "engine": engine, "root": root}
+    yield {"client": client, "url": server.url, "clips": clips, "engine": engine, "root": root, "app": app}
     server.stop()
 
 
@@ -125,23 +125,67 @@ def test_twenty_concurrent_requests_all_complete_correctly(served):
     assert replies == expected
 
 
-def test_full_queue_answers_503(tokenizer, tmp_path):
-    import asyncio
-
+def test_full_queue_answers_503_and_every_place_is_given_back_once(tmp_path):
     from hilight.server import APIError, Gate
 
-    async def scenario():
-        gate = Gate(concurrent=1, queue=1)
-        async with gate:
-            waiting = asyncio.ensure_future(gate.__aenter__())
-            await asyncio.sleep(0)
-            with pytest.raises(APIError) as err:
-                await gate.__aenter__()
-            assert err.value.status == 503
-        await waiting
-        await gate.__aexit__()
+    gate = Gate(concurrent=1, queue=1)
+    first, second = gate.admit(tmp_path / "a"), gate.admit(tmp_path / "b")
+    with pytest.raises(APIError) as err:
+        gate.admit(tmp_path / "c")
+    assert err.value.status == 503
+    first.close()
+    first.close()  # given back once only
+    third = gate.admit(tmp_path / "c")
+    second.abandon()  # never started: given back
+    third.started = True
+    third.abandon()  # started: its own end gives it back, not this
+    assert gate.inside == 1
 
-    asyncio.run(scenario())
+
+def test_a_busy_server_answers_503_before_a_stream_starts(tokenizer, tmp_path, monkeypatch):
+    """With one place taken by a stream still answering, the next streaming request gets an
+    HTTP 503 (with Retry-After), not a 200 whose stream then says busy."""
+    import threading
+
+    import hilight.server as server_module
+
+    release = threading.Event()
+
+    def held(*args, **kwargs):
+        yield "first"
+        release.wait(30)
+        yield " words"
+
+    monkeypatch.setattr(server_module, "stream_reply", held)
+    talkative_checkpoint(tmp_path / "model", tokenizer, seed=0)
+    clip = write_video(tmp_path / "clip.mp4", moving_balls_clip(8, 64, seed=0))
+    app = create_app(Engine.from_checkpoint(tmp_path / "model"), "tiny-test", queue_limit=0, max_batch=1)
+    server = LocalServer(app)
+    body = {"stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": [_video_part(clip)]}]}
+    try:
+        with httpx.Client(timeout=30) as client, client.stream("POST", server.url + "/v1/chat/completions",
+                                                               json=body) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()
+            next(lines)  # the stream has begun
+            busy = client.post(server.url + "/v1/chat/completions", json=body)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert busy.json()["error"]["type"] == "server_busy"
+            release.set()
+            assert "words" in "".join(lines)
+        _wait_for(lambda: app.state.gate.inside == 0)
+    finally:
+        release.set()
+        server.stop()
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def test_usage_counts_generated_tokens(served):
@@ -302,3 +346,111 @@ def test_waiting_requests_are_generated_together_with_the_same_answers(tokenizer
     assert replies == expected and streamed == expected[0]
     batches = app.state.batcher.batches
     assert sum(batches) == 9 and max(batches) > 1, batches  # the eight did not run one by one
+
+
+def test_streaming_clients_that_go_away_leave_no_temp_files_and_no_places(served, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the server's request folders go here
+    body = {"stream": True, "max_tokens": 12, "messages": [{"role": "user", "content": [
+        _video_part(served["clips"][0]), {"type": "text", "text": "What happens?"}]}]}
+    for _ in range(5):
+        with httpx.Client(timeout=60) as client, client.stream("POST", served["url"] + "/v1/chat/completions",
+                                                               json=body) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # then the client goes away
+    _wait_for(lambda: not list(tmp_path.glob("hilight-req-*")))
+    _wait_for(lambda: served["app"].state.gate.inside == 0)
+    assert _post(served, [_video_part(served["clips"][0])]).status_code == 200  # and the server goes on
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": 1.0}, "frequency_penalty"),
+    ({"stop": ["."]}, "stop"),
+    ({"seed": 3, "temperature": 0.7}, "seed"),
+    ({"n": 2}, "n"),
+    ({"best_of": 2}, "best_of"),
+])
+def test_parameters_hilight_does_not_implement_are_refused_by_name(served, extra, param):
+    r = _post(served, [_video_part(served["clips"][0])], **extra)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+
+
+def test_parameters_asking_for_what_hilight_does_are_accepted(served):
+    plain = _post(served, [_video_part(served["clips"][0])])
+    same = _post(served, [_video_part(served["clips"][0])], seed=7, response_format={"type": "text"}, logprobs=False,
+                 presence_penalty=0, frequency_penalty=0.0, user="u1", tool_choice="none", stop=None,
+                 stream_options={"include_usage": True})
+    assert same.status_code == 200, same.text
+    assert same.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
+def test_a_long_text_is_refused_before_it_is_tokenized(served):
+    import time
+
+    start = time.perf_counter()
+    r = _post(served, [_video_part(served["clips"][0]), {"type": "text", "text": "ball " * 600_000}])  # 3 MB
+    assert r.status_code == 400 and "3,000,007 characters, more than 1,024 tokens" in r.json()["error"]["message"]
+    assert time.perf_counter() - start < 30  # a bound against hangs, not a speed check
+
+
+def test_a_body_over_the_cap_is_413_also_when_chunked(served):
+    def chunks():  # no Content-Length: 5 MB in 64 KB chunks against a 4 MB cap
+        for _ in range(80):
+            yield b"x" * (64 << 10)
+
+    r = httpx.post(served["url"] + "/v1/chat/completions", content=chunks(), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("missing.mp4", "no such file"),
+    ("folder.mp4", "not a regular file"),
+    ("bad%00name.mp4", "NUL byte"),
+])
+def test_file_urls_that_are_not_videos_are_400s_naming_the_url(served, name, fragment):
+    (served["root"] / "folder.mp4").mkdir(exist_ok=True)
+    url = f"file://{served['root']}/{name}"
+    r = _post(served, [{"type": "video_url", "video_url": {"url": url}}])
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert fragment in message and "Errno" not in message
+
+
+def test_a_percent_encoded_file_url_is_the_file_it_names(served):
+    import shutil
+
+    shutil.copy(served["clips"][0], served["root"] / "a clip.mp4")
+    r = _post(served, [{"type": "video_url", "video_url": {"url": f"file://{served['root']}/a%20clip.mp4"}}])
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == _post(served, [_video_part(served["clips"][0])]).json()[
+        "choices"][0]["message"]
+
+
+def test_a_marker_typed_in_a_later_turn_is_text(served):
+    messages = [{"role": "user", "content": [_video_part(served["clips"][0]), {"type": "text", "text": "What?"}]},
+                {"role": "assistant", "content": "Balls."},
+                {"role": "user", "content": "And <video> now?"}]
+    r = httpx.post(served["url"] + "/v1/chat/completions", timeout=60,
+                   json={"max_tokens": 4, "messages": messages})
+    assert r.status_code == 200, r.text
+
+
+def test_an_api_key_guards_every_route_but_health(tokenizer, tmp_path):
+    talkative_checkpoint(tmp_path / "model", tokenizer, seed=0)
+    server = LocalServer(create_app(Engine.from_checkpoint(tmp_path / "model"), "tiny-test", api_key="s3cret"))
+    try:
+        assert httpx.get(server.url + "/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.get(server.url + "/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-test"]
+    finally:
+        server.stop()

@@ -295,6 +295,7 @@ class Engine:
                       settings: GenerationSettings | None = None) -> Encoded:
         """The prompt's ids with each video's segments laid out; refused when it would leave the
         LLM's context less than room for the answer, saying how many segments would fit."""
+        self.chat.check_length(messages, self.context)
         encoded = self.chat.encode(messages, generation=True, layouts=[p.labels for p in planned])
         answer = min((settings or GenerationSettings()).max_new_tokens, ANSWER_ROOM)
         limit = self.context - answer
