@@ -270,8 +270,9 @@ def record_blocks(record: dict, video_dir: Path, video_cfg) -> list[tuple[Path, 
 class VideoQADataset(Dataset):
     """Samples with their videos as cached tower outputs or, without a cache, as pixels.
 
-    Samples whose videos are missing, undecodable or not in the cache are excluded up front
-    and listed in ``self.bad``; nothing is ever trained on a blanked sample.
+    Samples whose videos are missing or not in the cache are excluded up front and listed in
+    ``self.bad``; without a cache, a video that does not decode is found when its sample is
+    first loaded, and training excludes it then. Nothing is ever trained on a blanked sample.
     """
 
     def __init__(self, samples: list[Sample], video_cfg, cache: FeatureCache | None, bad: list[BadSample]):

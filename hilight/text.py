@@ -50,6 +50,8 @@ class Encoded:
 
 def from_llava(turns: Sequence[dict]) -> list[Message]:
     """Convert LLaVA / VideoInstruct ``conversations`` (``from``/``value``) into messages."""
+    if not isinstance(turns, list | tuple):
+        raise ConversationError(f"'conversations' must be a list of turns, not {type(turns).__name__}")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):

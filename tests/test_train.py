@@ -366,3 +366,54 @@ def test_frame_facts_config_errors(workspace, tmp_path):
     cfg.auxiliary.data = [str(tmp_path / "few.json")]
     with pytest.raises(DataError, match="few.json: no auxiliary targets for"):
         train(cfg)
+
+
+def test_a_run_goes_on_past_records_that_turn_out_bad(workspace, tmp_path):
+    """Without a feature cache a video that does not decode is found only when its sample is
+    loaded: the run excludes it there and goes on (and a resume does the same); a record whose
+    conversations are not a list is excluded up front, without a traceback."""
+    import shutil
+
+    videos = tmp_path / "videos"
+    shutil.copytree(workspace / "bil" / "videos", videos)
+    records = json.loads((workspace / "bil" / "train.json").read_text())
+    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
+    bad = [{**records[0], "id": "broken", "video": "broken.mp4"}, {**records[1], "id": "not-a-list", "conversations": 5}]
+    (tmp_path / "train.json").write_text(json.dumps(bad + records))
+    from dataclasses import replace
+
+    steps = len(records) // 8 + 2  # a whole epoch: every sample is loaded once
+    cfg = _config(workspace, "bad-records", batch_size=8, max_steps=steps, **STAGES["stage1"][0])
+    cfg = replace(cfg, data=replace(cfg.data, train=str(tmp_path / "train.json"), val="", videos=str(videos), cache=""))
+    result = train(cfg)
+    assert result["steps"] == steps
+    listed = {b["id"]: b["reason"] for b in json.loads((workspace / "bad-records" / "bad_samples.json").read_text())}
+    assert "must be a list of turns" in listed["not-a-list"]
+    assert "broken.mp4" in listed["broken"] and "Traceback" not in listed["broken"]
+
+
+def test_resume_skips_a_checkpoint_cut_short_and_stale_writes(workspace, caplog):
+    import logging
+    import shutil
+
+    cfg = _config(workspace, "cut-short", **STAGES["stage1"][0])
+    full = train(cfg)
+    out = workspace / "cut-short"
+    shutil.rmtree(out / "final")
+    # the newest checkpoint's optimizer file cut short, and a kill's leftover temp directory
+    optimizer = out / "checkpoint-8" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    (out / ".checkpoint-12.x1y2").mkdir()
+    with caplog.at_level(logging.WARNING):
+        resumed = train(cfg, resume=True)
+    assert "checkpoint-8/optimizer.safetensors: unreadable" in caplog.text
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], rel=1e-5, abs=1e-6)  # from checkpoint-4
+    assert not (out / ".checkpoint-12.x1y2").exists()
+    # a trainer state cut short names its file; with no whole checkpoint left, resume says so
+    for ckpt in ("checkpoint-4", "checkpoint-8"):
+        (out / ckpt / "trainer_state.json").write_text('{"progress": {"st')
+    from hilight.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="none of its 2 checkpoint"):
+        train(cfg, resume=True)
+    assert "checkpoint-4/trainer_state.json: unreadable" in caplog.text

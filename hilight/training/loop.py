@@ -114,11 +114,36 @@ def _from_json(value):
     return value
 
 
+def _read_checkpoint(path: Path) -> tuple[dict, dict, dict | None, torch.Tensor]:
+    """Every file of a checkpoint, read and checked before any of it is applied: (weights,
+    trainer state, optimizer tensors or None, torch RNG). A truncated or missing file raises
+    CheckpointError naming it."""
+    from safetensors import SafetensorError
+
+    def read(name: str, load):
+        try:
+            return load(path / name)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path / name}: missing") from None
+        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise CheckpointError(f"{path / name}: unreadable, cut short or damaged ({type(exc).__name__})") from None
+
+    state = read("trainer_state.json", lambda f: json.loads(f.read_text()))
+    if not isinstance(state, dict) or not {"progress", "optimizer", "scheduler"} <= set(state):
+        raise CheckpointError(f"{path / 'trainer_state.json'}: not a trainer state")
+    weights = read("trainable.safetensors", load_file)
+    optimizer = read("optimizer.safetensors", load_file) if state["optimizer"] is not None else None
+    rng = read("rng.safetensors", load_file)["torch"]
+    return weights, state, optimizer, rng
+
+
 def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the saved progress."""
+    return _apply_checkpoint(path, _read_checkpoint(path), model, optimizer, scheduler)
 
 
-    weights = load_file(path / "trainable.safetensors")
+def _apply_checkpoint(path: Path, read: tuple, model, optimizer, scheduler) -> dict:
+    weights, state, optimizer_tensors, rng = read
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         raise CheckpointError(f"{path}: trainable weights do not match this stage "
@@ -127,19 +152,53 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state["optimizer"] is not None:
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
+    if optimizer_tensors is not None:
+        optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
+    torch.set_rng_state(rng)
     random.setstate(_from_json(state["python_rng"]))
     np.random.set_state(_from_json(state["numpy_rng"]))
     return state["progress"]
 
 
+def resume_training_state(output_dir: Path, model, optimizer, scheduler) -> dict:
+    """Restore the newest checkpoint of ``output_dir`` that reads whole; a newer one that does
+    not (a write cut short by a crash or a full disk) is skipped with a warning."""
+    checkpoints = all_checkpoints(output_dir)
+    if not checkpoints:
+        raise CheckpointError(f"{output_dir}: no checkpoint to resume from")
+    for ckpt in reversed(checkpoints):
+        try:
+            read = _read_checkpoint(ckpt)
+        except CheckpointError as exc:
+            log.warning("%s; resuming from an earlier checkpoint", exc)
+            continue
+        progress = _apply_checkpoint(ckpt, read, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", ckpt, progress["step"])
+        return progress
+    raise CheckpointError(f"{output_dir}: none of its {len(checkpoints)} checkpoint(s) reads whole")
+
+
+def remove_stale_writes(output_dir: Path) -> None:
+    """Temporary directories of checkpoint writes that a kill interrupted; a checkpoint set
+    aside for its replacement (``.checkpoint-N.old``) that never came goes back in place."""
+    for tmp in output_dir.glob(".checkpoint-*"):
+        target = output_dir / tmp.name[1:].removesuffix(".old")
+        if tmp.name.endswith(".old") and not target.exists():
+            tmp.rename(target)
+        elif tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def all_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first (temporary directories never count)."""
+    return sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint (temporary directories never count)."""
-    done = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    done = all_checkpoints(output_dir)
     return done[-1] if done else None
 
 
@@ -194,12 +253,10 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    if main:
+        remove_stale_writes(out_dir)
     if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
-        progress = load_training_state(ckpt, model, optimizer, scheduler)
-        log.info("resumed from %s at step %d", ckpt, progress["step"])
+        progress = resume_training_state(out_dir, model, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
@@ -256,8 +313,7 @@ def fit(
                 if main:
                     save_training_state(out_dir / f"checkpoint-{progress['step']}", raw, optimizer, scheduler,
                                         dict(progress), cfg)
-                    done = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-                    for old in done[:-cfg.keep_checkpoints]:
+                    for old in all_checkpoints(out_dir)[:-cfg.keep_checkpoints]:
                         shutil.rmtree(old)
             if progress["step"] >= cfg.max_steps:
                 break

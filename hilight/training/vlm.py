@@ -25,8 +25,16 @@ from torch import nn
 
 from hilight.checkpoint import load_checkpoint, save_checkpoint
 from hilight.config import TrainConfig
-from hilight.data import FeatureCache, VideoQADataset, collate_samples, encode_records, read_records, tower_identity
-from hilight.errors import CheckpointError, DataError
+from hilight.data import (
+    BadSample,
+    FeatureCache,
+    VideoQADataset,
+    collate_samples,
+    encode_records,
+    read_records,
+    tower_identity,
+)
+from hilight.errors import CheckpointError, DataError, HiLightError
 from hilight.files import atomic_dir
 from hilight.model import HiLight, TowerOutputs
 from hilight.text import IGNORE_INDEX, ChatTokenizer
@@ -150,18 +158,45 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         return {**{k: v.to(accelerator.device) for k, v in found.items()},
                 "rows": torch.tensor(rows, device=accelerator.device)}
 
+    def load(dataset, indices: list[int]) -> tuple[list[int], list]:
+        """The samples of ``indices`` that load; one whose video does not decode (found only now
+        without a feature cache) is excluded from the run, listed in bad_samples.json."""
+        kept, items = [], []
+        for i in indices:
+            try:
+                items.append(dataset[i])
+                kept.append(i)
+            except HiLightError as exc:
+                exclude(dataset, i, exc)
+        return kept, items
+
+    def exclude(dataset, i: int, exc: HiLightError) -> None:
+        sample = dataset.samples[i]
+        if any(b.id == sample.id for b in dataset.bad):
+            return
+        log.warning("sample %s excluded: %s", sample.id, exc)
+        dataset.bad.append(BadSample(sample.id, str(exc)))
+        if accelerator.is_main_process and dataset is train_set:
+            (out_dir / "bad_samples.json").write_text(json.dumps([asdict(b) for b in dataset.bad], indent=1) + "\n")
+
     def loss_of(module, dataset, indices: list[int]) -> torch.Tensor:
-        batch = _to(collate_samples([dataset[i] for i in indices], chat.pad_id), accelerator.device)
+        kept, items = load(dataset, indices)
+        if not items:  # every sample of the batch failed: a step with no gradient
+            return torch.zeros((), device=accelerator.device, requires_grad=True)
+        batch = _to(collate_samples(items, chat.pad_id), accelerator.device)
         if auxiliary is None:
             return module(**batch).loss
-        return module(batch, targets([dataset.samples[i] for i in indices]))
+        return module(batch, targets([dataset.samples[i] for i in kept]))
 
     def validate(module) -> float:
         total, count = 0.0, 0
         for start in range(0, len(val_set), cfg.batch_size):
             indices = list(range(start, min(len(val_set), start + cfg.batch_size)))
             if cfg.lm_weight:  # the language-model loss per answer token, comparable across runs
-                batch = _to(collate_samples([val_set[i] for i in indices], chat.pad_id), accelerator.device)
+                _, items = load(val_set, indices)
+                if not items:
+                    continue
+                batch = _to(collate_samples(items, chat.pad_id), accelerator.device)
                 n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 lm = module.model if isinstance(module, WithAuxiliary) else module
                 total, count = total + lm(**batch).loss.item() * n, count + n
