@@ -551,8 +551,20 @@ def cmd_webui(args: argparse.Namespace) -> int:
           f"{args.max_upload_mb} MB and {args.max_duration:.0f} s", flush=True)
     if default is not None:
         _note_domain(default)
+    _stop_on_sigterm()
     launch(models, args.host, args.port, auth, args.max_upload_mb, args.max_duration)
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager's stop, ``kill``) ends the process as Ctrl-C does, through
+    every ``finally`` and exit handler, so nothing it owns stays on disk."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
