@@ -17,6 +17,7 @@ Every failure is a :class:`VideoError` whose one-line message names the file and
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import time
@@ -110,7 +111,8 @@ def _open(path: Path) -> av.container.InputContainer:
     if path.stat().st_size == 0:
         raise VideoError(path, "empty file (0 bytes)")
     try:
-        return av.open(str(path), timeout=10.0)
+        # a damaged file's metadata may not be text: read it with replacement characters
+        return av.open(str(path), timeout=10.0, metadata_errors="replace")
     except av.FFmpegError as exc:
         raise VideoError(path, f"not a readable media file ({_why(exc)})") from None
 
@@ -195,6 +197,8 @@ def _video_stream(container, path: Path):
         kinds = sorted({s.type for s in container.streams})
         raise VideoError(path, f"no video stream (only {', '.join(kinds)})" if kinds else "no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise VideoError(path, "no decoder for its video stream (damaged or an unsupported codec)")
     width, height = stream.codec_context.width, stream.codec_context.height
     if width <= 0 or height <= 0 or width * height > MAX_PIXELS:
         raise VideoError(path, f"frame size {width}x{height} is invalid or absurdly large")
@@ -244,8 +248,21 @@ def probe_video(path: str | Path, cfg: VideoInputConfig) -> FrameIndex:
     """Every frame's timestamp and the keyframes of ``path``, from one demux pass (no decoding)."""
     path = Path(path)
     deadline = _Deadline(path, cfg.max_decode_seconds)
-    with _open(path) as container:
+    with _damage_is_a_video_error(path), _open(path) as container:
         return _index_frames(container, _video_stream(container, path), path, deadline)
+
+
+@contextlib.contextmanager
+def _damage_is_a_video_error(path: Path):
+    """What the demuxer or decoder raises on damaged data (in the file's metadata, its stream
+    headers, its packets) is the file's fault: a VideoError naming it, the details logged."""
+    try:
+        yield
+    except VideoError:
+        raise
+    except (av.FFmpegError, UnicodeError, AttributeError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        log.debug("reading %s", path, exc_info=True)
+        raise VideoError(path, f"damaged or not a readable media file ({type(exc).__name__})") from None
 
 
 def decode_video(path: str | Path, cfg: VideoInputConfig, strategy: str = "auto") -> DecodedVideo:
@@ -262,6 +279,12 @@ def decode_frames(path: str | Path, index: FrameIndex, chosen: list[int], cfg: V
     """Decode the frames ``chosen`` (indices into ``index.pts``, repeats allowed) of ``path``,
     seeking or in one pass, whichever decodes fewer frames."""
     path = Path(path)
+    with _damage_is_a_video_error(path):
+        return _decode_frames(path, index, chosen, cfg, strategy)
+
+
+def _decode_frames(path: Path, index: FrameIndex, chosen: list[int], cfg: VideoInputConfig,
+                   strategy: str) -> DecodedVideo:
     deadline = _Deadline(path, cfg.max_decode_seconds)
     targets = sorted(set(chosen))
     seek_cost, seq_cost = _plan_cost(index, targets)
