@@ -454,3 +454,66 @@ def test_an_api_key_guards_every_route_but_health(tokenizer, tmp_path):
         assert [m.id for m in client.models.list().data] == ["tiny-test"]
     finally:
         server.stop()
+
+
+def _rss_mib() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+def test_load_fifty_concurrent_requests_and_twenty_disconnects(served, tmp_path, monkeypatch):
+    """50 requests at once (half streaming) with 20 clients leaving mid-stream: every answer
+    that comes is the right one, every refusal is a 503 before any stream, and the server's temp
+    folders and memory come back to where they were."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    clips, engine = served["clips"], served["engine"]
+    questions = [(f"Load {i}: what happens?", clips[i % 3]) for i in range(50)]
+    expected = {q: _expected(engine, q, [c]) for q, c in questions}
+    baseline = _rss_mib()
+
+    def body(q, clip, stream):
+        return {"stream": stream, "max_tokens": 12, "messages": [{"role": "user", "content": [
+            _video_part(clip), {"type": "text", "text": q}]}]}
+
+    def one(i: int):
+        q, clip = questions[i]
+        url = served["url"] + "/v1/chat/completions"
+        with httpx.Client(timeout=120) as client:
+            if i % 2 == 0:
+                r = client.post(url, json=body(q, clip, False))
+                return ("busy", None) if r.status_code == 503 else (r.status_code, r.json()["choices"][0]["message"]["content"])
+            with client.stream("POST", url, json=body(q, clip, True)) as r:
+                if r.status_code != 200:
+                    return ("busy", None) if r.status_code == 503 else (r.status_code, r.read())
+                lines = r.iter_lines()
+                if i % 5 != 0:  # 20 of the 25 streaming clients go away after the first chunk
+                    next(lines)
+                    return ("left", None)
+                text = ""
+                for line in lines:
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        assert "error" not in chunk, chunk  # no refusal inside a 200
+                        text += chunk["choices"][0]["delta"].get("content") or ""
+                return (200, text.strip())
+
+    import json
+
+    with ThreadPoolExecutor(50) as pool:
+        outcomes = list(pool.map(one, range(50)))
+    print({s: sum(o[0] == s for o in outcomes) for s in (200, "busy", "left")}, f"RSS {baseline:.0f} MiB ->",
+          f"{_rss_mib():.0f} MiB")
+    answered = [(questions[i][0], text) for i, (status, text) in enumerate(outcomes) if status == 200]
+    assert all(status in (200, "busy", "left") for status, _ in outcomes), outcomes
+    assert all(text == expected[q] for q, text in answered)
+    assert len(answered) + sum(s == "busy" for s, _ in outcomes) + sum(s == "left" for s, _ in outcomes) == 50
+    assert sum(s == "left" for s, _ in outcomes) + sum(s == "busy" and i % 2 == 1 and i % 5 != 0
+                                                       for i, (s, _) in enumerate(outcomes)) == 20
+    _wait_for(lambda: not list(tmp_path.glob("hilight-req-*")), 60)
+    _wait_for(lambda: served["app"].state.gate.inside == 0, 60)
+    assert _rss_mib() - baseline < 300, f"RSS {baseline:.0f} -> {_rss_mib():.0f} MiB"
