@@ -417,3 +417,56 @@ def test_resume_skips_a_checkpoint_cut_short_and_stale_writes(workspace, caplog)
     with pytest.raises(CheckpointError, match="none of its 2 checkpoint"):
         train(cfg, resume=True)
     assert "checkpoint-4/trainer_state.json: unreadable" in caplog.text
+
+
+@pytest.mark.slow
+def test_killed_during_checkpoint_writes_a_resume_ends_with_the_same_weights(workspace, tmp_path):
+    """kill -9 the moment a checkpoint's temporary directory appears, ten times in a row, each
+    time resuming: the run ends with the weights of a run never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from hilight.config import to_dict
+
+    def config(out: str) -> Path:
+        cfg = _config(workspace, out, max_steps=24, save_every=2, eval_every=100, **STAGES["stage1"][0])
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump(to_dict(cfg)))
+        return path
+
+    def command(path: Path, resume: bool) -> list[str]:
+        return [sys.executable, "-m", "hilight", "train", "--config", str(path), *(["--resume"] if resume else [])]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(config("uninterrupted"), False), check=True, env=env, capture_output=True, timeout=300)
+    path, out = config("killed"), workspace / "killed"
+    kills = 0
+    def writing(after: int) -> bool:  # a checkpoint write past step ``after`` has begun
+        return any(int(p.name.split("-")[1].split(".")[0]) > after for p in out.glob(".checkpoint-*"))
+
+    while kills < 10:
+        done = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
+        proc = subprocess.Popen(command(path, resume=bool(done)), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        # each attempt lets one checkpoint through, then dies inside the write of the next
+        while proc.poll() is None and not writing(max(done, default=0) + 2) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is not None:  # the run finished before another write began
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    if not (out / "final").exists():
+        subprocess.run(command(path, True), check=True, env=env, capture_output=True, timeout=300)
+    digests = [json.loads((workspace / d / "ranks" / "rank-0.json").read_text())["trainable_sha256"]
+               for d in ("uninterrupted", "killed")]
+    assert kills >= 5 and digests[0] == digests[1]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # each step logged once
