@@ -264,7 +264,7 @@ def fit(
     if main and metrics_file.exists():
         if resume:  # the steps after the checkpoint run again; keep their records once
             kept = [line for line in metrics_file.read_text().splitlines()
-                    if _logged_step(line) is not None and _logged_step(line) <= progress["step"]]
+                    if (step := _logged_step(line)) is not None and step <= progress["step"]]
             metrics_file.write_text("".join(line + "\n" for line in kept))
         else:
             metrics_file.unlink()

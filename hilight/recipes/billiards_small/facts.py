@@ -39,13 +39,19 @@ MINED_FACTS = f"{__name__}:MinedFacts"
 HEAD_FILE = "frame_facts_head.safetensors"  # MinedFacts' head, handed from stage 1 to stage 2
 
 
+def shown_positions(tracks: dict, video_cfg: VideoInputConfig) -> torch.Tensor:
+    """[T, N, 2]: every tracked ball's position in each frame the model is shown (``video_cfg``'s
+    sampling of the clip's frames); fractions of a square frame, x < 0 off the table."""
+    xy = torch.tensor(tracks["xy"], dtype=torch.float32).view(len(tracks["xy"]), -1, 2)  # [F, N, 2]
+    index = FrameIndex(pts=list(range(len(xy))), keyframes=[0], time_base=Fraction(1, int(tracks["fps"])))
+    return xy[choose_frames(index, video_cfg)]
+
+
 def frame_facts(tracks: dict, names: list[str], video_cfg: VideoInputConfig, grid: int) -> dict[str, torch.Tensor]:
     """Targets for the frames the model is shown: ``present`` [T, C], ``xy`` [T, C, 2] and
     ``patch`` [T, grid*grid] (0: no ball's centre in the patch, else 1 + the ball's class).
     Positions are fractions of a square frame; a ball off the table has x < 0."""
-    xy_all = torch.tensor(tracks["xy"], dtype=torch.float32).view(len(tracks["xy"]), -1, 2)  # [F, N, 2]
-    index = FrameIndex(pts=list(range(len(xy_all))), keyframes=[0], time_base=Fraction(1, int(tracks["fps"])))
-    xy_all = xy_all[choose_frames(index, video_cfg)]  # [T, N, 2]
+    xy_all = shown_positions(tracks, video_cfg)  # [T, N, 2]
     t, c = len(xy_all), len(names)
     present, xy = torch.zeros(t, c), torch.zeros(t, c, 2)
     patch = torch.zeros(t, grid * grid, dtype=torch.long)

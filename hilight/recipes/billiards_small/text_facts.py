@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import json
 import string
-from fractions import Fraction
 from pathlib import Path
-
-import torch
 
 from hilight.config import VideoInputConfig
 from hilight.data import read_records
 from hilight.errors import DataError
+from hilight.recipes.billiards_small.facts import shown_positions
 from hilight.text import VIDEO_TOKEN
-from hilight.video import FrameIndex, choose_frames
 
 GRID = 8
 
@@ -40,12 +37,9 @@ def cell(x: float, y: float, grid: int = GRID) -> str:
 def fact_lines(tracks: dict, video_cfg: VideoInputConfig, grid: int = GRID) -> list[str]:
     """One line per frame the model is shown (``video_cfg``'s sampling of the clip's frames):
     each ball still on the table, in the order ``tracks`` names them, and its grid cell."""
-    xy = torch.tensor(tracks["xy"], dtype=torch.float32).view(len(tracks["xy"]), -1, 2)  # [F, N, 2]
-    index = FrameIndex(pts=list(range(len(xy))), keyframes=[0], time_base=Fraction(1, int(tracks["fps"])))
     lines = []
-    for k, frame in enumerate(choose_frames(index, video_cfg), 1):
-        balls = [f"{name} {cell(float(x), float(y), grid)}" for name, (x, y) in zip(tracks["names"], xy[frame].tolist(),
-                                                                                      strict=True) if x >= 0]
+    for k, frame in enumerate(shown_positions(tracks, video_cfg).tolist(), 1):
+        balls = [f"{name} {cell(x, y, grid)}" for name, (x, y) in zip(tracks["names"], frame, strict=True) if x >= 0]
         lines.append(f"frame {k}: " + (", ".join(balls) if balls else "no ball"))
     return lines
 
