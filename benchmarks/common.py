@@ -51,10 +51,12 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> 
 def gflop(fn: Callable[[], object]) -> float:
     """GFLOP of running ``fn``, counted by torch (CPU attention included)."""
     # torch's counter knows the GPU attention kernels, not the CPU one: count it the same way
-    # and torch's int8-weight product ([M, K] x int8 [N, K]: the shapes arrive) is a matmul too
+    # and torch's int8- and int4-weight products ([M, K] x [N, K]: the shapes arrive) are matmuls too
     custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
               lambda query, key, value, *_, out_shape=None, **__: sdpa_flop_count(query, key, value),
-              torch.ops.aten._weight_int8pack_mm: lambda x, w, *_, out_shape=None, **__: 2 * x[0] * x[1] * w[0]}
+              torch.ops.aten._weight_int8pack_mm: lambda x, w, *_, out_shape=None, **__: 2 * x[0] * x[1] * w[0],
+              torch.ops.aten._weight_int4pack_mm_for_cpu:  # int4 [N, K / 2]
+              lambda x, w, *_, out_shape=None, **__: 2 * x[0] * x[1] * w[0]}
     with FlopCounterMode(display=False, custom_mapping=custom) as counter:
         fn()
     return counter.get_total_flops() / 1e9

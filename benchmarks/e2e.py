@@ -10,7 +10,7 @@ and prefills everything again. The bounds come from this
 machine: decode tokens/s <= measured memory read bandwidth / bytes read per token (weights + KV
 cache); encode and prefill take >= counted FLOPs / measured matmul rate.
 
-    .venv/bin/python benchmarks/e2e.py [--preset hilight-2b] [--quantize auto|none|int8|packed] [--skip-baseline]
+    .venv/bin/python benchmarks/e2e.py [--preset hilight-2b] [--quantize auto|none|int8|int4|packed] [--skip-baseline]
 
 Writes benchmarks/results/e2e.json only for the full ``hilight-2b`` preset. Peak memory is the
 process's peak RSS (Linux ``VmHWM``), reset between ours and the baseline.
@@ -247,7 +247,7 @@ def main() -> None:
                         "(bounds: the GPU's measured HBM read rate and matmul rate; own results file)")
     parser.add_argument("--quantize", choices=QUANTIZE, default="auto",
                         help="ours: auto (what `hilight` does: packed bf16 on a CPU with native bf16), none (plain "
-                             "bf16 layers), int8 (weight-only int8 LLM layers) or packed; not auto: own results file")
+                             "bf16 layers), int8 / int4 (weight-only LLM layers) or packed; not auto: own results file")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
     args = parser.parse_args()
     if args.threads:
@@ -300,10 +300,10 @@ def main() -> None:
     print(f"built in bf16 in {build['build_s']:.1f} s: weights {build['weights_gb']:.2f} GiB, "
           f"peak RSS while building {build['build_peak_rss_gb']:.2f} GiB")
     print(f"bound: decode reads {bound['decode_bytes_per_token'] / 2**30:.2f} GiB a token "
-          f"({'int8 weights' if mode == 'int8' else 'bf16'})"
+          f"({mode + ' weights' if mode in ('int8', 'int4') else 'bf16'})"
           + (f", {base_bound['decode_bytes_per_token'] / 2**30:.2f} GiB (fp32, plain decode bound "
              f"{base_bound['decode_tokens_per_s']:.2f} tokens/s)" if base_bound else ""))
-    print(table(ours, base, bound, {"none": "ours bf16", "int8": "ours int8", "packed": "ours packed"}[mode]))
+    print(table(ours, base, bound, {"none": "ours bf16", "packed": "ours packed"}.get(mode, f"ours {mode}")))
 
     if args.preset == FULL_PRESET:
         if args.out == Path("benchmarks/results/e2e.json") and (device != "cpu" or args.quantize != "auto"):

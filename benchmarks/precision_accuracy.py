@@ -1,7 +1,7 @@
 """Does a faster number format change the answers? The bundled model's held-out accuracy in
-fp32, bf16 and bf16 with weight-only int8 LLM layers (``--quantize int8``), side by side.
+fp32, bf16 and bf16 with weight-only int8 or int4 LLM layers (``--quantize int8``, ``int4``), side by side.
 
-The rule (README, Performance): bf16 and int8 may move the evaluation accuracy by at most one
+The rule (README, Performance): bf16, int8 and int4 may move the evaluation accuracy by at most one
 point from fp32. Besides accuracy this counts how many answers are word for word the fp32 ones,
 and times each evaluation (greedy, no blind pass).
 
@@ -22,7 +22,7 @@ from hilight.evaluation.qa import load_items, report, run
 from hilight.inference.engine import Engine, GenerationSettings
 
 VARIANTS = (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("bf16 packed", torch.bfloat16, "packed"),
-            ("bf16 + int8 LLM", torch.bfloat16, "int8"))
+            ("bf16 + int8 LLM", torch.bfloat16, "int8"), ("bf16 + int4 LLM", torch.bfloat16, "int4"))
 GROUPS = ("single_video", "two_video", "overall")
 
 

@@ -483,6 +483,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     card = read_card(path)
     name = card.get("name") or path.name
     engine = _engine(args)
+    if args.compile:
+        print("compiling the video encoder (torch.compile, once per start)...", flush=True)
+        print(f"compiled in {engine.compile():.1f} s", flush=True)
     api_key = args.api_key or os.environ.get("HILIGHT_API_KEY") or None
     app = create_app(engine, name, allowed_dir=args.allow_dir, max_video_bytes=args.max_video_mb << 20,
                      max_concurrent=args.max_concurrent, queue_limit=args.queue, card=card, max_batch=args.max_batch,
@@ -628,9 +631,9 @@ def _add_dtype(p: argparse.ArgumentParser, quantize: bool = True) -> None:
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="weights and compute; auto: bf16 where the hardware has it, else fp32")
     if quantize:
-        p.add_argument("--quantize", choices=["auto", "none", "int8", "packed"], default="auto",
-                       help="int8: weight-only int8 LLM linear layers; packed: bf16 LLM weights prepacked for "
-                            "oneDNN (both CPU, faster decoding; see docs/performance.md); auto: packed for a "
+        p.add_argument("--quantize", choices=["auto", "none", "int8", "int4", "packed"], default="auto",
+                       help="int8 / int4: weight-only int8 / 4-bit LLM linear layers; packed: bf16 LLM weights "
+                            "prepacked for oneDNN (all CPU, faster decoding; see docs/performance.md); auto: packed for a "
                             "full-width bf16 model on a CPU with native bf16, else none")
 
 
@@ -716,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait; more get 503")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
                                      "HILIGHT_API_KEY variable; none: open to whoever reaches the port)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the video encoder with torch.compile at start (tens of seconds once, each video's "
+                        "encode then faster; needs a C++ compiler; see docs/performance.md)")
 
     p = command("batch", cmd_batch, "answer a manifest of (video, question) items on Ray Data, resumably")
     p.add_argument("manifest", type=Path,

@@ -70,7 +70,54 @@ def test_int8_llm_stays_close_and_answers(tmp_path, tokenizer):
     assert quantize_llm(HiLight(quantized.model.config), include_lm_head=False) == 7 * quantized.model.config.llm.num_layers
     assert isinstance(_answer(quantized, clip), str)
     with pytest.raises(ValueError, match="unknown quantization"):
-        Engine.from_checkpoint(path, quantize="int4")
+        Engine.from_checkpoint(path, quantize="int3")
+
+
+def test_int4_layer_is_its_groups_rounded_and_both_paths_agree():
+    import pytest
+
+    from hilight.errors import ConfigError
+    from hilight.inference.quantize import Int4Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 192, bias=True).to(torch.bfloat16)
+    layer, chunked = Int4Linear(linear), Int4Linear(linear, chunk_rows=64)
+    assert torch.equal(layer.packed, chunked.packed) and torch.equal(layer.scale_zero, chunked.scale_zero)
+    assert layer.packed.numel() == 192 * 96 // 2  # two weights a byte
+    weight, restored = linear.weight.float(), layer.dequantized().float()
+    groups = weight.reshape(192, 96 // Int4Linear.GROUP, Int4Linear.GROUP)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15  # each group's own 16 levels
+    error = (restored - weight).abs().reshape_as(groups)
+    assert (error <= step[..., None] * 0.5 + groups.abs().amax(-1, keepdim=True) / 64).all()  # half a level, + bf16
+    assert (error > 0).any()  # it is rounded
+    few, many = torch.randn(3, 96).to(torch.bfloat16), torch.randn(Int4Linear.DENSE_ROWS, 96).to(torch.bfloat16)
+    for x in (few, many):  # the int4 kernel (few rows) and the widened dense product (many)
+        expected = x.float() @ restored.t() + linear.bias.float()
+        torch.testing.assert_close(layer(x).float(), expected, atol=0.05, rtol=0.02)
+    with pytest.raises(ConfigError, match="int4 needs out_features % 64"):
+        Int4Linear(torch.nn.Linear(96, 100))
+
+
+def test_int4_llm_stays_close_and_answers(tmp_path, tokenizer):
+    from hilight.inference.quantize import Int4Linear, Int8Linear, int4_fits
+
+    path = talkative_checkpoint(tmp_path / "m", tokenizer)
+    plain = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize="none")
+    fits = [int4_fits(m) for m in plain.model.llm.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = Engine.from_checkpoint(path, dtype=torch.bfloat16, quantize="int4")
+    kinds = [type(m) for m in quantized.model.llm.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    assert kinds == [Int4Linear if f else Int8Linear for f in fits] and Int4Linear in kinds
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.model.llm.modules())
+    ids = torch.randint(3, len(tokenizer), (2, 9))
+    with torch.no_grad():
+        ref, low = (e.model.llm(input_ids=ids).logits.float() for e in (plain, quantized))
+    # 16 levels a group: further than int8 (> 0.99 everywhere) on these deliberately loud weights
+    cosine = F.cosine_similarity(ref, low, dim=-1)
+    assert cosine.mean() > 0.95 and (cosine > 0.8).all()
+    from hilight.demo import moving_balls_clip
+    from hilight.video import write_video
+
+    assert isinstance(_answer(quantized, write_video(tmp_path / "c.mp4", moving_balls_clip(12, 64))), str)
 
 
 def test_packed_llm_gives_the_same_answers(tmp_path, tokenizer):
@@ -106,7 +153,7 @@ def test_auto_packs_only_wide_bf16_models_on_a_cpu_with_native_bf16(monkeypatch,
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     assert resolve_quantize("auto", narrow, "cpu") == "none"  # oneDNN would emulate bf16
     with pytest.raises(ValueError, match="unknown quantization"):
-        resolve_quantize("int4", narrow, "cpu")
+        resolve_quantize("int3", narrow, "cpu")
 
 
 def test_int8_linear_paths_agree_and_quantize_in_chunks():

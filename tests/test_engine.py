@@ -222,3 +222,31 @@ def test_the_file_digest_memo_is_bounded(tmp_path, tokenizer):
         engine.digest(tmp_path / f"f{i}")
     assert len(engine._digests) == 8  # 4 x cache_size, the oldest out first
     assert str(tmp_path / "f19") in {k[0] for k in engine._digests}
+
+
+@pytest.mark.slow
+def test_a_compiled_encoder_gives_the_same_embeddings_and_answers(tokenizer, clips):
+    plain, compiled = _engine(tokenizer), _engine(tokenizer)
+    assert compiled.compile() > 0
+    for clip in clips:
+        torch.testing.assert_close(compiled.video_embeddings(clip), plain.video_embeddings(clip), atol=1e-5, rtol=1e-4)
+    two = compiled.segment_embeddings([compiled.plan(c) for c in clips])  # segments one at a time, same shape
+    assert two.shape[0] == 2
+    settings = GenerationSettings(max_new_tokens=8)
+    assert _reply(compiled, Conversation(), "What happens?", clips[:1], settings) == \
+        _reply(plain, Conversation(), "What happens?", clips[:1], settings)
+
+
+def test_compile_that_cannot_build_is_one_clear_error(tokenizer, monkeypatch):
+    from hilight.errors import ConfigError
+
+    def no_compiler(fn, **_):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+        return run
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    engine = _engine(tokenizer)
+    with pytest.raises(ConfigError, match=r"^--compile: torch.compile could not build .*No working C\+\+ compiler found\)$"):
+        engine.compile()
+    assert engine._compiled is None  # the engine goes on encoding as before

@@ -97,7 +97,7 @@ def test_bundled_model_answers_an_example(capsys):
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model in this build")
-def test_bundled_model_keeps_its_answers_in_bf16_packed_and_int8():
+def test_bundled_model_keeps_its_answers_in_bf16_packed_int8_and_int4():
     """The faster number formats answer the example questions as fp32 does (the full-test-split
     figures are benchmarks/precision_accuracy.py's). Cue-direction answers are left out: the
     model is at the blind level there (13 %), its top answers are near ties that any rounding
@@ -111,13 +111,14 @@ def test_bundled_model_keeps_its_answers_in_bf16_packed_and_int8():
     examples = Path(__file__).resolve().parents[1] / "examples"
     extracted = {}
     for label, dtype, quantize in (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"),
-                                   ("packed", torch.bfloat16, "packed"), ("int8", torch.bfloat16, "int8")):
+                                   ("packed", torch.bfloat16, "packed"), ("int8", torch.bfloat16, "int8"),
+                                   ("int4", torch.bfloat16, "int4")):
         items, problems = load_items(examples / "questions.json", examples)
         assert not problems and not run(Engine.from_checkpoint(BUNDLED_MODEL, dtype=dtype, quantize=quantize),
                                         items, GenerationSettings(max_new_tokens=24), batch_size=8, blind=False)
         assert all(extract(it.kind, it.answer) is not None for it in items)  # every answer parses
         extracted[label] = [extract(it.kind, it.answer) for it in items if it.qtype != "cue_direction"]
     assert len(extracted["fp32"]) >= 8
-    for label in ("bf16", "packed", "int8"):
+    for label in ("bf16", "packed", "int8", "int4"):
         same = sum(a == b for a, b in zip(extracted[label], extracted["fp32"], strict=True))
         assert same >= len(extracted["fp32"]) - 1, (label, extracted[label], extracted["fp32"])

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -181,11 +182,12 @@ class Engine:
         self._videos: OrderedDict[str, torch.Tensor] = OrderedDict()  # segment key -> [T*Q, D]
         self._indexes: OrderedDict[str, FrameIndex] = OrderedDict()  # content hash -> demux pass
         self._digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> content hash
+        self._compiled = None  # the towers and TokenMining through torch.compile, once compile() ran
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
                         quantize: str = "auto") -> Engine:
-        """``quantize="int8"``: weight-only int8 for the LLM's linear layers; ``"packed"``: the
+        """``quantize="int8"`` / ``"int4"``: weight-only int8 / 4-bit for the LLM's linear layers; ``"packed"``: the
         LLM's bf16 weights prepacked for oneDNN; ``"auto"``: packed for a full-width bf16 model on
         a CPU with native bf16, else none (see hilight.inference.quantize.resolve_quantize)."""
         from hilight.checkpoint import load_checkpoint
@@ -208,6 +210,37 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return next(self.model.llm.parameters()).device
+
+    def compile(self) -> float:
+        """Run the video encoding (both towers and TokenMining) through ``torch.compile``
+        (inductor, weights frozen as constants) from now on; returns the seconds compiling took.
+
+        For a long-running server: compiling costs tens of seconds once, each video's encode is
+        then faster (docs/performance.md). One video's shape is compiled, so segments are then
+        encoded one at a time. Raises ConfigError where inductor cannot build (no C++ compiler)."""
+        import time
+
+        import torch._inductor.config as inductor
+
+        model = self.model
+        cfg = model.config.video
+        inductor.freezing = True  # the frozen weights become constants: prepacked for oneDNN
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return model.video_embeddings(model.encode_videos(pixels))
+
+        compiled = torch.compile(encode, dynamic=False)
+        # a black clip made as every video's frames are (dtype included): the same graph serves them
+        blank = preprocess(np.zeros((cfg.num_frames, cfg.image_size, cfg.image_size, 3), np.uint8), cfg)
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                compiled(blank[None].to(self.device))
+        except Exception as e:  # inductor's failures (no compiler, unsupported op) are many kinds
+            raise ConfigError(f"--compile: torch.compile could not build the video encoder here "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        self._compiled = compiled
+        return time.perf_counter() - start
 
     def digest(self, path: str | Path) -> str:
         """Content hash of a video file; an unchanged file (path, size, mtime) is not read again."""
@@ -270,7 +303,11 @@ class Engine:
                 frames = preprocess(decode_frames(p.clip.path, p.index, chosen, cfg).frames, cfg)  # [n*T, 3, S, S]
                 pixels += list(frames.view(len(items), cfg.num_frames, *frames.shape[1:]))
                 pending += [key for _, key, _ in items]
-            embeds = self.model.video_embeddings(self.model.encode_videos(torch.stack(pixels).to(self.device)))
+            batch = torch.stack(pixels).to(self.device)
+            if self._compiled is not None:  # compiled for one video's shape
+                embeds = torch.cat([self._compiled(batch[k:k + 1]) for k in range(len(batch))])
+            else:
+                embeds = self.model.video_embeddings(self.model.encode_videos(batch))
             for key, row in zip(pending, embeds, strict=True):
                 self._videos[key] = row
             pixels, pending = [], []

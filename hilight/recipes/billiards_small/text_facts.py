@@ -44,8 +44,19 @@ def fact_lines(tracks: dict, video_cfg: VideoInputConfig, grid: int = GRID) -> l
     return lines
 
 
+def ball_lines(tracks: dict, video_cfg: VideoInputConfig, grid: int = GRID) -> list[str]:
+    """One line per ball, in the order ``tracks`` names them: its grid cell in each frame the
+    model is shown, ``off`` once it has left the table. A ball's motion is one line of text."""
+    shown = shown_positions(tracks, video_cfg)  # [T, N, 2]
+    return [f"the {name} ball: " + " ".join(cell(x, y, grid) if x >= 0 else "off" for x, y in shown[:, n].tolist())
+            for n, name in enumerate(tracks["names"])]
+
+
+LAYOUTS = {"frames": fact_lines, "balls": ball_lines}
+
+
 def text_facts_records(records: list[dict], captions: list[dict], video_cfg: VideoInputConfig,
-                       grid: int = GRID) -> list[dict]:
+                       grid: int = GRID, layout: str = "frames") -> list[dict]:
     """``records`` with every ``<video>`` replaced by its clip's fact lines (and no videos).
     Records read in segments (``sampling``) are left out: the task is the one-block questions."""
     tracks = {c["video"]: c["tracks"] for c in captions}
@@ -57,7 +68,7 @@ def text_facts_records(records: list[dict], captions: list[dict], video_cfg: Vid
         missing = [n for n in names if n not in tracks]
         if missing:
             raise DataError(f"record {rec.get('id')}: no tracks for {missing[0]}")
-        blocks = iter("\n".join(fact_lines(tracks[n], video_cfg, grid)) for n in names)
+        blocks = iter("\n".join(LAYOUTS[layout](tracks[n], video_cfg, grid)) for n in names)
         turns = []
         for turn in rec["conversations"]:
             value = turn["value"]
@@ -70,14 +81,15 @@ def text_facts_records(records: list[dict], captions: list[dict], video_cfg: Vid
 
 
 def write_text_facts(data: Path, out: Path, video_cfg: VideoInputConfig,
-                     splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Path]:
+                     splits: tuple[str, ...] = ("train", "val", "test"), layout: str = "frames") -> dict[str, Path]:
     """The text-facts version of a billiards data set's ``splits`` under ``out``; returns
     {split: file}. Every split's captions (``{split}-captions.json``) hold its tracks."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for split in splits:
         records = text_facts_records(read_records(data / f"{split}.json"),
-                                     read_records(data / f"{split}-captions.json"), video_cfg)
+                                     read_records(data / f"{split}-captions.json"), video_cfg,
+                                     layout=layout)
         files[split] = out / f"{split}.json"
         files[split].write_text(json.dumps(records) + "\n")
     return files
