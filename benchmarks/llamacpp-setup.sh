@@ -23,4 +23,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import llama_cpp" 2>/
     CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
         "$VENV/bin/pip" install --quiet "$SDIST"
 fi
+# The converter reads the HF checkpoint with torch and transformers and writes the tokenizer with
+# sentencepiece; torch==2.13.0 resolves to the CPU build.
+"$VENV/bin/pip" install --quiet torch==2.13.0 "transformers>=4.45" sentencepiece pyyaml safetensors numpy
 "$VENV/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'in $VENV')"

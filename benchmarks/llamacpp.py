@@ -121,7 +121,7 @@ def main() -> None:
     side = subprocess.run([str(args.llamacpp_python), str(HERE / "llamacpp_side.py"), "--hf", str(hf), "--work",
                            str(args.work), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
                            "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads())],
-                          check=True, capture_output=True, text=True)
+                          check=True, stdout=subprocess.PIPE, text=True)  # its progress and errors show
     llama = json.loads(side.stdout.strip().splitlines()[-1])
     kv = 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * context * 2  # f16 KV cache
     for name, figures in llama["formats"].items():

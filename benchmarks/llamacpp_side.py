@@ -33,7 +33,7 @@ def tokenizer_model(hf: Path) -> None:
 
     words = "which ball went into the pocket first and how many times did the cue hit a cushion red blue".split()
     lines = [" ".join(words[(i * 7 + k) % len(words)] for k in range(12)) for i in range(2000)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(hf / "tokenizer"), vocab_size=200,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(hf / "tokenizer"), vocab_size=120, hard_vocab_limit=False,
                                    model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
 
 
@@ -65,6 +65,7 @@ def quantize(source: Path, work: Path, name: str) -> Path:
 def tensor_bytes(path: Path) -> int:
     """Bytes of the weights a decode step reads: every tensor (Gemma's output head is the tied
     token embedding, read whole for the logits)."""
+    sys.path.insert(0, str(CONVERTER.parent / "gguf-py"))  # the same release's gguf package
     import gguf
 
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)

@@ -36,8 +36,6 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a billiards-small recipe run (its data/ and base/)")
     parser.add_argument("--work", type=Path, help="where the text-facts data and model go (default: RUN/text-facts)")
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's stage 2 steps)")
-    parser.add_argument("--layout", choices=("frames", "balls"), default="frames",
-                        help="one line per frame (each ball's cell) or one line per ball (its cell in each frame)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text-facts.json"))
     args = parser.parse_args()
 
@@ -46,9 +44,9 @@ def main() -> None:
     work = args.work or args.run / "text-facts"
     data, base = args.run / "data", args.run / "base"
     video_cfg = read_config(base).video
-    files = write_text_facts(data, work / "data", video_cfg, layout=args.layout)
+    files = write_text_facts(data, work / "data", video_cfg)
     inventory = text_facts_records(inventory_records(data, video_cfg), read_records(data / "train-captions.json"),
-                                   video_cfg, layout=args.layout)
+                                   video_cfg)
     train_file = work / "data" / "train-with-inventory.json"
     train_file.write_text(json.dumps(read_records(files["train"]) + inventory) + "\n")
 
@@ -81,7 +79,7 @@ def main() -> None:
     model_report = args.run / "report" / "report.json"
     model = json.loads(model_report.read_text()) if model_report.is_file() else {}
     summary = {
-        "machine": platform.processor() or platform.machine(), "layout": args.layout, "steps": steps, "train_seconds": round(train_s, 1),
+        "machine": platform.processor() or platform.machine(), "steps": steps, "train_seconds": round(train_s, 1),
         "prompt_tokens_max": max(len(engine.chat.encode(it.messages, generation=True).input_ids) for it in items),
         **{group: result[group] for group in ("single_video", "two_video", "overall") if group in result},
         "per_type": {t: {k: v[k] for k in ("n", "accuracy", "majority")} for t, v in result["per_type"].items()},

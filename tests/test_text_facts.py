@@ -15,10 +15,12 @@ def _tracks() -> dict:
     return {"names": ["cue", "red"], "fps": 10, "radius": 0.02, "xy": xy}
 
 
-def test_fact_lines_name_each_shown_frames_balls_and_cells():
+def test_fact_lines_give_each_ball_its_cell_in_each_shown_frame():
     # four frames of ten, spread as the model samples them: frames 0, 3, 6 and 9
     lines = fact_lines(_tracks(), VideoInputConfig(num_frames=4))
-    assert lines == ["frame 1: cue a8, red e1", "frame 2: cue c8, red e1", "frame 3: cue f8", "frame 4: cue h8"]
+    assert lines == ["the cue ball: a8 c8 f8 h8", "the red ball: e1 e1 off off"]
+    # the lines follow the frames the model is shown: two frames are frames 0 and 9
+    assert fact_lines(_tracks(), VideoInputConfig(num_frames=2)) == ["the cue ball: a8 h8", "the red ball: e1 off"]
     assert cell(0.0, 0.0) == "a1" and cell(0.999, 0.999) == "h8" and cell(1.0, 1.0) == "h8"
 
 
@@ -36,8 +38,8 @@ def test_text_facts_records_replace_each_video_by_its_lines():
     out = text_facts_records(records, captions, VideoInputConfig(num_frames=2))
     assert [r["id"] for r in out] == ["one", "two"]  # segment-read records are not the task's
     assert "video" not in out[0] and out[0]["meta"] == {"types": ["x"]}
-    assert out[0]["conversations"][0]["value"] == "frame 1: cue a8, red e1\nframe 2: cue h8\nWhich ball?"
+    assert out[0]["conversations"][0]["value"] == "the cue ball: a8 h8\nthe red ball: e1 off\nWhich ball?"
     question = out[1]["conversations"][0]["value"]
-    assert question.count("frame 1:") == 2 and "<video>" not in question and question.endswith(": same?")
+    assert question.count("the cue ball:") == 2 and "<video>" not in question and question.endswith(": same?")
     with pytest.raises(DataError, match="no tracks for c.mp4"):
         text_facts_records([{**records[0], "video": "c.mp4"}], captions, VideoInputConfig(num_frames=2))

@@ -1,15 +1,16 @@
 """The text-facts task: the billiards questions with each sampled frame's true facts as text.
 
-In place of each ``<video>`` a record gets one short line per frame the model would be shown,
-naming every ball on the table and its cell on a grid over the table (columns ``a``-``h`` from
-the left, rows ``1``-``8`` from the top)::
+In place of each ``<video>`` a record gets one short line per ball, its cell on a grid over the
+table (columns ``a``-``h`` from the left, rows ``1``-``8`` from the top) in each frame the model
+would be shown, and ``off`` once it has gone into a pocket::
 
-    frame 1: cue d5, red b2, blue g7
-    frame 2: cue d4, red b2, blue g7
+    the cue ball: d5 d4 d3 e3
+    the red ball: b2 b2 a1 off
 
-A ball that has gone into a pocket is simply no longer listed. With the perception taken away,
-an LLM trained on these records shows what the LLM itself can learn of the questions: the
-ceiling of the chain that ends at the model's own answers.
+One line per frame instead, naming each ball and its cell, was measured and lost: the LLM must
+then gather a ball's motion from every line (the research log of 2026-12-03). With the
+perception taken away, an LLM trained on these records shows what the LLM itself can learn of
+the questions: the ceiling of the chain that ends at the model's own answers.
 """
 
 from __future__ import annotations
@@ -35,28 +36,16 @@ def cell(x: float, y: float, grid: int = GRID) -> str:
 
 
 def fact_lines(tracks: dict, video_cfg: VideoInputConfig, grid: int = GRID) -> list[str]:
-    """One line per frame the model is shown (``video_cfg``'s sampling of the clip's frames):
-    each ball still on the table, in the order ``tracks`` names them, and its grid cell."""
-    lines = []
-    for k, frame in enumerate(shown_positions(tracks, video_cfg).tolist(), 1):
-        balls = [f"{name} {cell(x, y, grid)}" for name, (x, y) in zip(tracks["names"], frame, strict=True) if x >= 0]
-        lines.append(f"frame {k}: " + (", ".join(balls) if balls else "no ball"))
-    return lines
-
-
-def ball_lines(tracks: dict, video_cfg: VideoInputConfig, grid: int = GRID) -> list[str]:
     """One line per ball, in the order ``tracks`` names them: its grid cell in each frame the
-    model is shown, ``off`` once it has left the table. A ball's motion is one line of text."""
+    model is shown (``video_cfg``'s sampling of the clip's frames), ``off`` once it has left the
+    table. A ball's whole motion is one line of text."""
     shown = shown_positions(tracks, video_cfg)  # [T, N, 2]
     return [f"the {name} ball: " + " ".join(cell(x, y, grid) if x >= 0 else "off" for x, y in shown[:, n].tolist())
             for n, name in enumerate(tracks["names"])]
 
 
-LAYOUTS = {"frames": fact_lines, "balls": ball_lines}
-
-
 def text_facts_records(records: list[dict], captions: list[dict], video_cfg: VideoInputConfig,
-                       grid: int = GRID, layout: str = "frames") -> list[dict]:
+                       grid: int = GRID) -> list[dict]:
     """``records`` with every ``<video>`` replaced by its clip's fact lines (and no videos).
     Records read in segments (``sampling``) are left out: the task is the one-block questions."""
     tracks = {c["video"]: c["tracks"] for c in captions}
@@ -68,7 +57,7 @@ def text_facts_records(records: list[dict], captions: list[dict], video_cfg: Vid
         missing = [n for n in names if n not in tracks]
         if missing:
             raise DataError(f"record {rec.get('id')}: no tracks for {missing[0]}")
-        blocks = iter("\n".join(LAYOUTS[layout](tracks[n], video_cfg, grid)) for n in names)
+        blocks = iter("\n".join(fact_lines(tracks[n], video_cfg, grid)) for n in names)
         turns = []
         for turn in rec["conversations"]:
             value = turn["value"]
@@ -81,15 +70,14 @@ def text_facts_records(records: list[dict], captions: list[dict], video_cfg: Vid
 
 
 def write_text_facts(data: Path, out: Path, video_cfg: VideoInputConfig,
-                     splits: tuple[str, ...] = ("train", "val", "test"), layout: str = "frames") -> dict[str, Path]:
+                     splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Path]:
     """The text-facts version of a billiards data set's ``splits`` under ``out``; returns
     {split: file}. Every split's captions (``{split}-captions.json``) hold its tracks."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for split in splits:
         records = text_facts_records(read_records(data / f"{split}.json"),
-                                     read_records(data / f"{split}-captions.json"), video_cfg,
-                                     layout=layout)
+                                     read_records(data / f"{split}-captions.json"), video_cfg)
         files[split] = out / f"{split}.json"
         files[split].write_text(json.dumps(records) + "\n")
     return files
