@@ -10,7 +10,7 @@ and prefills everything again. The bounds come from this
 machine: decode tokens/s <= measured memory read bandwidth / bytes read per token (weights + KV
 cache); encode and prefill take >= counted FLOPs / measured matmul rate.
 
-    .venv/bin/python benchmarks/e2e.py [--preset hilight-2b] [--quantize auto|none|int8|int4|packed] [--skip-baseline]
+    .venv/bin/python benchmarks/e2e.py [--preset hilight-2b] [--quantize auto|none|int8|int4|packed] [--compile] [--skip-baseline]
 
 Writes benchmarks/results/e2e.json only for the full ``hilight-2b`` preset. Peak memory is the
 process's peak RSS (Linux ``VmHWM``), reset between ours and the baseline.
@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--quantize", choices=QUANTIZE, default="auto",
                         help="ours: auto (what `hilight` does: packed bf16 on a CPU with native bf16), none (plain "
                              "bf16 layers), int8 / int4 (weight-only LLM layers) or packed; not auto: own results file")
+    parser.add_argument("--compile", action="store_true", help="run the video encode through torch.compile "
+                        "(Engine.compile, as `hilight serve --compile`); reports the compile time")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
     args = parser.parse_args()
     if args.threads:
@@ -275,6 +277,10 @@ def main() -> None:
         quantize_llm(model, mode=mode)
         build["quantize_s"] = time.perf_counter() - start
     engine = Engine(model, tokenizer)
+    if args.compile:  # the same engine's encode before compiling, then what compiling costs
+        build["encode_uncompiled_s"] = median_time(lambda: (forget_videos(engine), engine.video_embeddings(clip)),
+                                                   args.repeats)
+        build["compile_s"] = engine.compile()
     ours = measure(engine, clip, questions, args.new_tokens, args.repeats, reuse=True)
     ours["peak_rss_gb"], ours["peak_gpu_gb"] = peak_rss_gb(), peak_gpu_gb()
     bound = bounds(model, ours, counted, bandwidth, rates[torch.bfloat16], args.new_tokens)
@@ -303,12 +309,17 @@ def main() -> None:
           f"({mode + ' weights' if mode in ('int8', 'int4') else 'bf16'})"
           + (f", {base_bound['decode_bytes_per_token'] / 2**30:.2f} GiB (fp32, plain decode bound "
              f"{base_bound['decode_tokens_per_s']:.2f} tokens/s)" if base_bound else ""))
+    if args.compile:
+        print(f"torch.compile of the video encode: {build['compile_s']:.1f} s once; encode "
+              f"{build['encode_uncompiled_s']:.2f} s before, {ours['encode_s']:.2f} s after")
     print(table(ours, base, bound, {"none": "ours bf16", "packed": "ours packed"}.get(mode, f"ours {mode}")))
 
     if args.preset == FULL_PRESET:
-        if args.out == Path("benchmarks/results/e2e.json") and (device != "cpu" or args.quantize != "auto"):
-            args.out = Path(f"benchmarks/results/e2e-{device if device != 'cpu' else args.quantize}.json")
-        results = {"preset": args.preset, "quantize": mode, "frames": frames, "question_tokens": args.question_tokens,
+        if args.out == Path("benchmarks/results/e2e.json") and (device != "cpu" or args.quantize != "auto"
+                                                                or args.compile):
+            name = device if device != "cpu" else args.quantize if args.quantize != "auto" else ""
+            args.out = Path(f"benchmarks/results/e2e-{'-'.join(filter(None, (name, 'compile' * args.compile)))}.json")
+        results = {"preset": args.preset, "quantize": mode, "compile": args.compile, "frames": frames, "question_tokens": args.question_tokens,
                    "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "read_bandwidth_gbs": bandwidth,
                    "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
