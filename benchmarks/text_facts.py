@@ -8,7 +8,11 @@ text-facts versions of the training questions (with the inventory questions, as 
 and answers the test split's, scored as ``hilight eval`` scores the model's own answers.
 
     .venv/bin/python benchmarks/text_facts.py --run runs/billiards-small [--steps 4000] \
-        [--out benchmarks/results/text-facts.json]
+        [--track-clips 12000] [--out benchmarks/results/text-facts.json]
+
+``--track-clips N`` adds the questions of N more training clips that are simulated but never
+rendered (``hilight.synth.dataset.generate_tracks``): what more data does for the LLM, at the
+cost of the physics alone.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from hilight.inference.engine import Engine, GenerationSettings
 from hilight.recipes.billiards_small.questions import inventory_records
 from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe
 from hilight.recipes.billiards_small.text_facts import text_facts_records, write_text_facts
+from hilight.synth.dataset import TRACKS, generate_tracks
 from hilight.training.loop import latest_checkpoint
 from hilight.training.vlm import train
 
@@ -36,6 +41,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a billiards-small recipe run (its data/ and base/)")
     parser.add_argument("--work", type=Path, help="where the text-facts data and model go (default: RUN/text-facts)")
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's stage 2 steps)")
+    parser.add_argument("--track-clips", type=int, default=0, help="more training clips, simulated only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text-facts.json"))
     args = parser.parse_args()
 
@@ -47,8 +53,18 @@ def main() -> None:
     files = write_text_facts(data, work / "data", video_cfg)
     inventory = text_facts_records(inventory_records(data, video_cfg), read_records(data / "train-captions.json"),
                                    video_cfg)
+    records = read_records(files["train"]) + inventory
+    if args.track_clips:
+        tracks = work / "tracks"
+        if not (tracks / f"{TRACKS}-captions.json").is_file():
+            generate_tracks(tracks, args.track_clips, cfg.seed, workers=2)
+        captions = read_records(tracks / f"{TRACKS}-captions.json")
+        if len(captions) != args.track_clips:
+            raise SystemExit(f"{tracks}: holds {len(captions)} track-only clips, not {args.track_clips}")
+        records += text_facts_records(read_records(tracks / f"{TRACKS}.json")
+                                    + inventory_records(tracks, video_cfg, split=TRACKS), captions, video_cfg)
     train_file = work / "data" / "train-with-inventory.json"
-    train_file.write_text(json.dumps(read_records(files["train"]) + inventory) + "\n")
+    train_file.write_text(json.dumps(records) + "\n")
 
     folder = work / "llm"
     train_cfg = TrainConfig(model=str(base), output_dir=str(folder),
@@ -79,7 +95,8 @@ def main() -> None:
     model_report = args.run / "report" / "report.json"
     model = json.loads(model_report.read_text()) if model_report.is_file() else {}
     summary = {
-        "machine": platform.processor() or platform.machine(), "steps": steps, "train_seconds": round(train_s, 1),
+        "machine": platform.processor() or platform.machine(), "steps": steps,
+        "train_records": len(records), "track_clips": args.track_clips, "train_seconds": round(train_s, 1),
         "prompt_tokens_max": max(len(engine.chat.encode(it.messages, generation=True).input_ids) for it in items),
         **{group: result[group] for group in ("single_video", "two_video", "overall") if group in result},
         "per_type": {t: {k: v[k] for k in ("n", "accuracy", "majority")} for t, v in result["per_type"].items()},

@@ -18,7 +18,7 @@ from hilight.synth.billiards import (
     random_layout,
     simulate,
 )
-from hilight.synth.dataset import generate_split, render_clip, split_sizes
+from hilight.synth.dataset import generate_split, generate_tracks, render_clip, split_sizes
 from hilight.synth.qa import KINDS, QUESTIONS, caption, pair_qas, single_qas
 from hilight.video import decode_video
 
@@ -185,6 +185,24 @@ def test_dataset_is_deterministic_and_consistent(tmp_path):
             if qtype == "scratch":
                 assert value == ("yes" if t["scratch"] else "no")
     assert kinds["pair"] == 6 and kinds["multi"] == 6 and kinds["single"] >= 6 * 7
+
+
+def test_track_only_clips_are_a_split_without_videos(tmp_path):
+    a = generate_tracks(tmp_path / "a", 4, seed=0)
+    b = generate_tracks(tmp_path / "b", 4, seed=0, workers=2)
+    assert a.conversations.read_text() == b.conversations.read_text() and a.clips == 4
+    assert not (tmp_path / "a" / "videos").exists()
+    truth, captions = json.loads(a.truth.read_text()), json.loads(a.captions.read_text())
+    assert list(truth) == [f"tracks-{i:05d}.mp4" for i in range(4)] == [c["video"] for c in captions]
+    for rec in json.loads(a.conversations.read_text()):
+        videos = [rec["video"]] if isinstance(rec["video"], str) else rec["video"]
+        assert all(v in truth for v in videos) and rec["id"].startswith("tracks-")
+        for k, (qtype, value) in enumerate(zip(rec["meta"]["types"], rec["meta"]["truth"], strict=True)):
+            assert extract(KINDS[qtype], rec["conversations"][2 * k + 1]["value"]) == value
+    # the tracks are the ones a rendered clip would have, and no rendered clip of the seed repeats them
+    assert captions[0]["tracks"]["names"][0] == "cue" and len(captions[0]["tracks"]["xy"]) > 1
+    rendered = [render_clip(TableConfig(), 0, split, 0)[2]["xy"] for split in ("train", "val", "test")]
+    assert all(c["tracks"]["xy"] != xy for c in captions for xy in rendered)
 
 
 def test_split_sizes():

@@ -93,26 +93,29 @@ def _record(rid: str, videos: list[str], qas: list[QA], layout: str) -> dict:
                      "truth": [qa.truth for qa in qas]}}
 
 
-def conversations(split: str, truths: list[ShotTruth], seed: int) -> list[dict]:
+def conversations(split: str, truths: list[ShotTruth], seed: int, prefix: str | None = None,
+                  stream: int = 1) -> list[dict]:
     """Single-question records for every applicable type, one multi-turn record per clip, and
-    two-video records over a random pairing of the clips."""
-    rng = _seed(seed, split, len(truths), 1)
+    two-video records over a random pairing of the clips; clip ``i`` is ``{prefix}-{i:05d}.mp4``
+    (``prefix``: the split's name unless given)."""
+    prefix = prefix or split
+    rng = _seed(seed, split, len(truths), stream)
     records = []
     for i, truth in enumerate(truths):
-        name = clip_name(split, i)
+        name = clip_name(prefix, i)
         qas = single_qas(truth, rng)
         for qa in qas:
             layout = SINGLE_LAYOUTS[int(rng.integers(len(SINGLE_LAYOUTS)))]
-            records.append(_record(f"{split}-{i:05d}-{qa.qtype}", [name], [qa], layout))
+            records.append(_record(f"{prefix}-{i:05d}-{qa.qtype}", [name], [qa], layout))
         picks = rng.choice(len(qas), size=min(3, len(qas)), replace=False)
-        records.append(_record(f"{split}-{i:05d}-multi", [name], [qas[k] for k in picks], SINGLE_LAYOUTS[0]))
+        records.append(_record(f"{prefix}-{i:05d}-multi", [name], [qas[k] for k in picks], SINGLE_LAYOUTS[0]))
     order = rng.permutation(len(truths))
     pairs = len(order) // 2 * 2  # an odd clip out is left without a partner
     for a, b in zip(order[0:pairs:2], order[1:pairs:2], strict=True):
-        names = [clip_name(split, int(a)), clip_name(split, int(b))]
+        names = [clip_name(prefix, int(a)), clip_name(prefix, int(b))]
         for qa in pair_qas(truths[a], truths[b], rng):
             layout = PAIR_LAYOUTS[int(rng.integers(len(PAIR_LAYOUTS)))]
-            records.append(_record(f"{split}-{int(a):05d}-{int(b):05d}-{qa.qtype}", names, [qa], layout))
+            records.append(_record(f"{prefix}-{int(a):05d}-{int(b):05d}-{qa.qtype}", names, [qa], layout))
     return records
 
 
@@ -137,15 +140,51 @@ def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfi
     made = _make_all(make_clip, jobs, f"billiards {split}", workers, chunksize=4)
     truth_json, tracks = [m[0] for m in made], [m[1] for m in made]
     truths = [_truth_from_json(t) for t in truth_json]
-    records = conversations(split, truths, seed)
-    files = SplitFiles(out / f"{split}.json", out / f"{split}-truth.json", out / f"{split}-captions.json",
-                       clips, len(records))
-    files.conversations.write_text(json.dumps(records, indent=1) + "\n")
-    files.truth.write_text(json.dumps({clip_name(split, i): t for i, t in enumerate(truth_json)}, indent=1) + "\n")
+    return _write_split(out, split, truth_json, tracks, conversations(split, truths, seed))
+
+
+def _write_split(out: Path, prefix: str, truth_json: list[dict], tracks: list[dict], records: list[dict],
+                 indent: int | None = 1) -> SplitFiles:
+    """A split's three files under ``out``, for clips ``{prefix}-{i:05d}.mp4``."""
+    files = SplitFiles(out / f"{prefix}.json", out / f"{prefix}-truth.json", out / f"{prefix}-captions.json",
+                       len(truth_json), len(records))
+    files.conversations.write_text(json.dumps(records, indent=indent) + "\n")
+    files.truth.write_text(json.dumps({clip_name(prefix, i): t for i, t in enumerate(truth_json)},
+                                      indent=indent) + "\n")
     files.captions.write_text(json.dumps(
-        [{"video": clip_name(split, i), "caption": caption(t), "tracks": tracks[i]} for i, t in enumerate(truths)],
-        separators=(",", ":")) + "\n")
+        [{"video": clip_name(prefix, i), "caption": caption(_truth_from_json(t)), "tracks": tracks[i]}
+         for i, t in enumerate(truth_json)], separators=(",", ":")) + "\n")
     return files
+
+
+TRACKS = "tracks"  # the name of the track-only clips' files and clips
+TRACK_STREAM = 200  # their physics and questions: streams no rendered clip draws from
+
+
+def make_tracks(args: tuple[TableConfig, int, int]) -> tuple[dict, dict]:
+    """Simulate one track-only clip and film it with a random camera, without rendering it:
+    its ground truth and tracks as JSON."""
+    cfg, seed, index = args
+    rng = _seed(seed, "train", index, TRACK_STREAM)
+    truth, positions, present = simulate(cfg, rng)
+    camera = random_camera(cfg, rng)
+    return truth.to_json(), image_tracks(cfg, truth, positions, present, camera)
+
+
+def generate_tracks(out: Path, clips: int, seed: int, cfg: TableConfig | None = None, workers: int = 1) -> SplitFiles:
+    """``clips`` training clips that are simulated but never rendered, for what needs a clip's
+    facts and questions but not its frames (the LLM's pre-training on text facts): under
+    ``out``, ``tracks.json`` (the questions, about clips ``tracks-{i:05d}.mp4`` that no file
+    holds), ``tracks-truth.json`` and ``tracks-captions.json`` (with the tracks), laid out as a
+    split's. Each clip has its own seed, apart from every rendered clip's, so none of them
+    repeats a clip of any split."""
+    cfg = cfg or TableConfig()
+    out.mkdir(parents=True, exist_ok=True)
+    made = _make_all(make_tracks, [(cfg, seed, i) for i in range(clips)], "billiards tracks", workers, chunksize=16)
+    truth_json, tracks = [m[0] for m in made], [m[1] for m in made]
+    truths = [_truth_from_json(t) for t in truth_json]
+    records = conversations("train", truths, seed, prefix=TRACKS, stream=TRACK_STREAM + 1)
+    return _write_split(out, TRACKS, truth_json, tracks, records, indent=None)
 
 
 LONG_SHOT_FPS, LONG_SHOT_SECONDS = 10, 3.0  # every shot of a long clip: 30 frames
