@@ -173,14 +173,7 @@ def billiards_small(out: Path, cfg: RecipeConfig | None = None, workers: int = 2
 
 def _prepare(out: Path, data: Path, cfg: RecipeConfig, workers: int, progress: Progress) -> None:
     """Steps 1-4: data, tokenizer and model, both towers aligned."""
-    import torch
-
-    from hilight.checkpoint import save_checkpoint
-    from hilight.data import read_records
-    from hilight.model import HiLight
     from hilight.synth.dataset import generate_long_split, generate_split, split_sizes
-    from hilight.text import from_llava
-    from hilight.tokenizer import train_tokenizer
     from hilight.training.align import align
 
     def make_data() -> None:
@@ -190,22 +183,32 @@ def _prepare(out: Path, data: Path, cfg: RecipeConfig, workers: int, progress: P
             generate_long_split(data, split, n, cfg.seed, cfg.model.video.num_frames, cfg.shots, workers=workers)
 
     progress.step(STEPS[0], data / "test-long.json", make_data)
-
-    def make_model() -> None:
-        texts = [c["caption"] for c in json.loads((data / "train-captions.json").read_text())]
-        for rec in read_records(data / "train.json"):
-            texts += [m.content.replace("<video>", " ") for m in from_llava(rec["conversations"])]
-        tokenizer = train_tokenizer(texts, cfg.vocab_size)
-        model_cfg = replace(cfg.model, llm=replace(cfg.model.llm, vocab_size=len(tokenizer)))
-        torch.manual_seed(cfg.seed)
-        save_checkpoint(HiLight(model_cfg), out / "base", tokenizer)
-
-    progress.step(STEPS[1], out / "base" / "config.json", make_model)
+    progress.step(STEPS[1], out / "base" / "config.json", lambda: make_base(data, out / "base", cfg))
 
     for name, tower, model, steps in ((STEPS[2], "video", out / "base", cfg.align_steps),
                                       (STEPS[3], "image", out / "align-video" / "final", cfg.image_align_steps)):
         align_cfg = align_config(model, tower, data, out / f"align-{tower}", out / "frames", steps, cfg)
         progress.training(name, align_cfg, align)
+
+
+def make_base(data: Path, out: Path, cfg: RecipeConfig, records: list[dict] = ()) -> None:
+    """Step 2: a tokenizer trained on the training split's captions and questions (and on
+    ``records``' turns, when given) and the model with random weights, saved to ``out``."""
+    import torch
+
+    from hilight.checkpoint import save_checkpoint
+    from hilight.data import read_records
+    from hilight.model import HiLight
+    from hilight.text import from_llava
+    from hilight.tokenizer import train_tokenizer
+
+    texts = [c["caption"] for c in json.loads((data / "train-captions.json").read_text())]
+    for rec in [*read_records(data / "train.json"), *records]:
+        texts += [m.content.replace("<video>", " ") for m in from_llava(rec["conversations"])]
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    model_cfg = replace(cfg.model, llm=replace(cfg.model.llm, vocab_size=len(tokenizer)))
+    torch.manual_seed(cfg.seed)
+    save_checkpoint(HiLight(model_cfg), out, tokenizer)
 
 
 def checkpoint_every(steps: int) -> int:
