@@ -231,8 +231,10 @@ def align_config(model: Path, tower: str, data: Path, output: Path, frames: Path
                        precision=cfg.align_precision)
 
 
-def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig, progress: Progress) -> Path:
-    """Steps 5-7: tower features, stage 1, stage 2; returns the final model's directory."""
+def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig, progress: Progress,
+         stage1_lm: float | None = None) -> Path:
+    """Steps 5-7: tower features, stage 1, stage 2; returns the final model's directory.
+    ``stage1_lm``: the answers' weight in stage 1 (default: none beside the frame facts)."""
     import torch
 
     from hilight.checkpoint import load_checkpoint, read_config
@@ -260,7 +262,8 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig
     auxiliary = AuxiliaryConfig(objective=MINED_FACTS if cfg.frame_facts_weight else "", weight=cfg.frame_facts_weight,
                                 data=[str(data / "train-captions.json"), str(data / "val-captions.json")])
     # stage 1: frame facts only (lm_weight 0); stage 2: answers and frame facts together
-    stage1_lm = 0.0 if cfg.frame_facts_weight else 1.0
+    if stage1_lm is None:
+        stage1_lm = 0.0 if cfg.frame_facts_weight else 1.0
     stages = ((STEPS[5], aligned, "stage1", TrainableConfig(token_mining=True), cfg.stage1_steps, 2e-3, stage1_lm),
               (STEPS[6], out / "stage1" / "final", "stage2", TrainableConfig(token_mining=True, llm=True),
                cfg.stage2_steps, 1e-3, 1.0))
