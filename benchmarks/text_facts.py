@@ -8,7 +8,7 @@ text-facts versions of the training questions (with the inventory questions, as 
 and answers the test split's, scored as ``hilight eval`` scores the model's own answers.
 
     .venv/bin/python benchmarks/text_facts.py --run runs/billiards-small [--steps 4000] \
-        [--track-clips 12000] [--facts-tokenizer] [--out benchmarks/results/text-facts.json]
+        [--track-clips 12000] [--out benchmarks/results/text-facts.json]
 
 ``--track-clips N`` adds the questions of N more training clips that are simulated but never
 rendered (``hilight.synth.dataset.generate_tracks``): what more data does for the LLM, at the
@@ -29,7 +29,7 @@ from hilight.data import read_records
 from hilight.evaluation.qa import load_items, markdown, report, run
 from hilight.inference.engine import Engine, GenerationSettings
 from hilight.recipes.billiards_small.questions import inventory_records
-from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe, make_base
+from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe
 from hilight.recipes.billiards_small.text_facts import text_facts_records, write_text_facts
 from hilight.synth.dataset import TRACKS, generate_tracks
 from hilight.training.loop import latest_checkpoint
@@ -42,7 +42,6 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the text-facts data and model go (default: RUN/text-facts)")
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's stage 2 steps)")
     parser.add_argument("--track-clips", type=int, default=0, help="more training clips, simulated only")
-    parser.add_argument("--facts-tokenizer", action="store_true", help="train the tokenizer on the fact lines too")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text-facts.json"))
     args = parser.parse_args()
 
@@ -66,10 +65,6 @@ def main() -> None:
                                     + inventory_records(tracks, video_cfg, split=TRACKS), captions, video_cfg)
     train_file = work / "data" / "train-with-inventory.json"
     train_file.write_text(json.dumps(records) + "\n")
-    if args.facts_tokenizer:
-        base = work / "base"
-        if not (base / "config.json").is_file():
-            make_base(data, base, cfg, records)
 
     folder = work / "llm"
     train_cfg = TrainConfig(model=str(base), output_dir=str(folder),
@@ -101,8 +96,7 @@ def main() -> None:
     model = json.loads(model_report.read_text()) if model_report.is_file() else {}
     summary = {
         "machine": platform.processor() or platform.machine(), "steps": steps,
-        "train_records": len(records), "track_clips": args.track_clips,
-        "facts_tokenizer": args.facts_tokenizer, "train_seconds": round(train_s, 1),
+        "train_records": len(records), "track_clips": args.track_clips, "train_seconds": round(train_s, 1),
         "prompt_tokens_max": max(len(engine.chat.encode(it.messages, generation=True).input_ids) for it in items),
         **{group: result[group] for group in ("single_video", "two_video", "overall") if group in result},
         "per_type": {t: {k: v[k] for k in ("n", "accuracy", "majority")} for t, v in result["per_type"].items()},

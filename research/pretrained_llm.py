@@ -8,7 +8,9 @@ under ``--out``: stage 1 trains TokenMining with the LLM frozen, on the answers 
 default 1) beside the frame facts, so that its tokens are what the pre-trained LLM reads; stage 2
 is the recipe's full fine-tune.
 
-    .venv/bin/python research/pretrained_llm.py --run RUN --llm RUN/text-facts/llm/final --out DIR
+    .venv/bin/python research/pretrained_llm.py --run RUN --llm RUN/text-facts/llm/final --out DIR [KEY=VALUE ...]
+
+``KEY=VALUE``: the recipe's dotted overrides, as the run was made with.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ def main() -> None:
     parser.add_argument("--llm", type=Path, required=True, help="a checkpoint whose LLM was trained on text facts")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stage1-lm", type=float, default=1.0, help="the answers' weight in stage 1")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the recipe's dotted overrides")
     args = parser.parse_args()
 
-    cfg = load_recipe()
+    cfg = load_recipe(None, args.overrides)
     data = args.run / "data"
     _prepare(args.run, data, cfg, 2, Progress(args.run, {"recipe": "billiards-small", "config": to_dict(cfg)}))
     args.out.mkdir(parents=True, exist_ok=True)

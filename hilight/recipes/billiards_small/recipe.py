@@ -191,9 +191,9 @@ def _prepare(out: Path, data: Path, cfg: RecipeConfig, workers: int, progress: P
         progress.training(name, align_cfg, align)
 
 
-def make_base(data: Path, out: Path, cfg: RecipeConfig, records: list[dict] = ()) -> None:
-    """Step 2: a tokenizer trained on the training split's captions and questions (and on
-    ``records``' turns, when given) and the model with random weights, saved to ``out``."""
+def make_base(data: Path, out: Path, cfg: RecipeConfig) -> None:
+    """Step 2: a tokenizer trained on the training split's captions and questions and the model
+    with random weights, saved to ``out``."""
     import torch
 
     from hilight.checkpoint import save_checkpoint
@@ -203,7 +203,7 @@ def make_base(data: Path, out: Path, cfg: RecipeConfig, records: list[dict] = ()
     from hilight.tokenizer import train_tokenizer
 
     texts = [c["caption"] for c in json.loads((data / "train-captions.json").read_text())]
-    for rec in [*read_records(data / "train.json"), *records]:
+    for rec in read_records(data / "train.json"):
         texts += [m.content.replace("<video>", " ") for m in from_llava(rec["conversations"])]
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     model_cfg = replace(cfg.model, llm=replace(cfg.model.llm, vocab_size=len(tokenizer)))
