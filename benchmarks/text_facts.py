@@ -42,11 +42,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the text-facts data and model go (default: RUN/text-facts)")
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's stage 2 steps)")
     parser.add_argument("--track-clips", type=int, default=0, help="more training clips, simulated only")
+    parser.add_argument("--seed", type=int, help="the training's seed (default: the recipe's; the data stay the same)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text-facts.json"))
     args = parser.parse_args()
 
     cfg = load_recipe()
     steps = args.steps or cfg.stage2_steps
+    seed = cfg.seed if args.seed is None else args.seed
     work = args.work or args.run / "text-facts"
     data, base = args.run / "data", args.run / "base"
     video_cfg = read_config(base).video
@@ -71,7 +73,7 @@ def main() -> None:
                             data=DataConfig(train=str(train_file), val=str(files["val"]), videos=str(data / "videos")),
                             trainable=TrainableConfig(token_mining=False, llm=True), max_steps=steps,
                             batch_size=cfg.batch_size, lr=1e-3, warmup_ratio=0.03, eval_every=max(1, steps // 4),
-                            save_every=checkpoint_every(steps), max_length=1024, seed=cfg.seed,
+                            save_every=checkpoint_every(steps), max_length=1024, seed=seed,
                             precision=cfg.vlm_precision, group_by_length=True)
     timing = work / "train-seconds.json"  # kept, so a second run that only evaluates reports it
     if not (folder / "final" / "config.json").is_file():
@@ -96,7 +98,8 @@ def main() -> None:
     model = json.loads(model_report.read_text()) if model_report.is_file() else {}
     summary = {
         "machine": platform.processor() or platform.machine(), "steps": steps,
-        "train_records": len(records), "track_clips": args.track_clips, "train_seconds": round(train_s, 1),
+        "train_records": len(records), "track_clips": args.track_clips,
+        "seed": seed, "train_seconds": round(train_s, 1),
         "prompt_tokens_max": max(len(engine.chat.encode(it.messages, generation=True).input_ids) for it in items),
         **{group: result[group] for group in ("single_video", "two_video", "overall") if group in result},
         "per_type": {t: {k: v[k] for k in ("n", "accuracy", "majority")} for t, v in result["per_type"].items()},
