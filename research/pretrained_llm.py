@@ -51,9 +51,7 @@ def main() -> None:
 
     progress.step("pre-trained LLM into the aligned model", start / "config.json", merge)
     model = _vlm(args.out, data, start, args.run / "features", cfg, progress, stage1_lm=args.stage1_lm)
-    result = {}
-    progress.step(STEPS[7], args.out / "report-long" / "report.json",
-                  lambda: result.update(_evaluate(model, data, args.out)))
+    progress.step(STEPS[7], args.out / "report-long" / "report.json", lambda: _evaluate(model, data, args.out))
     result = json.loads((args.out / "report" / "report.json").read_text())
     print(json.dumps(progress.save(accuracy={k: result[k] for k in ("single_video", "two_video", "overall")
                                              if k in result}), indent=1))

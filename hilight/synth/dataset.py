@@ -140,11 +140,11 @@ def generate_split(out: Path, split: str, clips: int, seed: int, cfg: TableConfi
     made = _make_all(make_clip, jobs, f"billiards {split}", workers, chunksize=4)
     truth_json, tracks = [m[0] for m in made], [m[1] for m in made]
     truths = [_truth_from_json(t) for t in truth_json]
-    return _write_split(out, split, truth_json, tracks, conversations(split, truths, seed))
+    return _write_split(out, split, truth_json, truths, tracks, conversations(split, truths, seed))
 
 
-def _write_split(out: Path, prefix: str, truth_json: list[dict], tracks: list[dict], records: list[dict],
-                 indent: int | None = 1) -> SplitFiles:
+def _write_split(out: Path, prefix: str, truth_json: list[dict], truths: list[ShotTruth], tracks: list[dict],
+                 records: list[dict], indent: int | None = 1) -> SplitFiles:
     """A split's three files under ``out``, for clips ``{prefix}-{i:05d}.mp4``."""
     files = SplitFiles(out / f"{prefix}.json", out / f"{prefix}-truth.json", out / f"{prefix}-captions.json",
                        len(truth_json), len(records))
@@ -152,8 +152,8 @@ def _write_split(out: Path, prefix: str, truth_json: list[dict], tracks: list[di
     files.truth.write_text(json.dumps({clip_name(prefix, i): t for i, t in enumerate(truth_json)},
                                       indent=indent) + "\n")
     files.captions.write_text(json.dumps(
-        [{"video": clip_name(prefix, i), "caption": caption(_truth_from_json(t)), "tracks": tracks[i]}
-         for i, t in enumerate(truth_json)], separators=(",", ":")) + "\n")
+        [{"video": clip_name(prefix, i), "caption": caption(t), "tracks": tracks[i]} for i, t in enumerate(truths)],
+        separators=(",", ":")) + "\n")
     return files
 
 
@@ -184,7 +184,7 @@ def generate_tracks(out: Path, clips: int, seed: int, cfg: TableConfig | None = 
     truth_json, tracks = [m[0] for m in made], [m[1] for m in made]
     truths = [_truth_from_json(t) for t in truth_json]
     records = conversations("train", truths, seed, prefix=TRACKS, stream=TRACK_STREAM + 1)
-    return _write_split(out, TRACKS, truth_json, tracks, records, indent=None)
+    return _write_split(out, TRACKS, truth_json, truths, tracks, records, indent=None)
 
 
 LONG_SHOT_FPS, LONG_SHOT_SECONDS = 10, 3.0  # every shot of a long clip: 30 frames
