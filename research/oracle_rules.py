@@ -10,7 +10,11 @@ No learning, so no data limit: this is a lower bound on what T frames allow, the
 billiards-small recipe should be held against (``oracle_facts.py`` learns the same from 2,400
 clips and is limited by that data).
 
-    .venv/bin/python research/oracle_rules.py --data runs/recipe/data --frames 8 12 16
+``--cells G`` gives the rules only each ball's cell on a G x G grid (its centre), as the
+text-facts task gives the LLM (``hilight.recipes.billiards_small.text_facts``, G = 8): what the
+rules can still read from that text.
+
+    .venv/bin/python research/oracle_rules.py --data runs/recipe/data --frames 8 12 16 [--cells 8]
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a billiards data set (hilight recipe's data/)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--frames", type=int, nargs="+", default=[8])
+    parser.add_argument("--cells", type=int, help="positions only as the centre of their cell on this grid")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     clips = {c["video"]: c["tracks"] for c in json.loads((args.data / f"{args.split}-captions.json").read_text())}
@@ -90,7 +95,10 @@ def main() -> None:
         answers = {}
         for name, tracks in clips.items():
             facts = frame_facts(tracks, tracks["names"], video_cfg, grid=1)
-            answers[name] = rule_answers(tracks["names"], facts["present"], facts["xy"])
+            xy = facts["xy"]
+            if args.cells:  # a ball off the table keeps its zeros; presence says so
+                xy = ((xy * args.cells).floor().clamp(0, args.cells - 1) + 0.5) / args.cells * facts["present"][..., None]
+            answers[name] = rule_answers(tracks["names"], facts["present"], xy)
         per_type, overall = score(answers, records)
         results[frames] = {"per_type": per_type, "single_video": overall}
         print(f"{frames} frames: single-video questions {overall:.1%}  "
