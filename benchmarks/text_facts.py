@@ -11,8 +11,11 @@ and answers the test split's, scored as ``hilight eval`` scores the model's own 
         [--track-clips 12000] [--out benchmarks/results/text-facts.json]
 
 ``--track-clips N`` adds the questions of N more training clips that are simulated but never
-rendered (``hilight.synth.dataset.generate_tracks``): what more data does for the LLM, at the
-cost of the physics alone.
+rendered (``hilight.synth.dataset.generate_tracks``, kept in RUN/text-facts/tracks): what more
+data does for the LLM, at the cost of the physics alone. ``--reasoned`` trains on answers that
+say the step their question needs before the answer (the cue ball's first move, its turns, the
+asked ball's last cell, the first ball to move, the balls left in each clip:
+``text_facts.reasoning``), and lets the LLM say it before answering.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the text-facts data and model go (default: RUN/text-facts)")
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's stage 2 steps)")
     parser.add_argument("--track-clips", type=int, default=0, help="more training clips, simulated only")
+    parser.add_argument("--reasoned", action="store_true", help="answers say the step they need first")
     parser.add_argument("--seed", type=int, help="the training's seed (default: the recipe's; the data stay the same)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text-facts.json"))
     args = parser.parse_args()
@@ -52,19 +56,20 @@ def main() -> None:
     work = args.work or args.run / "text-facts"
     data, base = args.run / "data", args.run / "base"
     video_cfg = read_config(base).video
-    files = write_text_facts(data, work / "data", video_cfg)
+    files = write_text_facts(data, work / "data", video_cfg, reasoned=args.reasoned)
     inventory = text_facts_records(inventory_records(data, video_cfg), read_records(data / "train-captions.json"),
                                    video_cfg)
     records = read_records(files["train"]) + inventory
     if args.track_clips:
-        tracks = work / "tracks"
+        tracks = args.run / "text-facts" / "tracks"  # shared by every --work
         if not (tracks / f"{TRACKS}-captions.json").is_file():
             generate_tracks(tracks, args.track_clips, cfg.seed, workers=2)
         captions = read_records(tracks / f"{TRACKS}-captions.json")
         if len(captions) != args.track_clips:
             raise SystemExit(f"{tracks}: holds {len(captions)} track-only clips, not {args.track_clips}")
         records += text_facts_records(read_records(tracks / f"{TRACKS}.json")
-                                    + inventory_records(tracks, video_cfg, split=TRACKS), captions, video_cfg)
+                                    + inventory_records(tracks, video_cfg, split=TRACKS), captions, video_cfg,
+                                    reasoned=args.reasoned)
     train_file = work / "data" / "train-with-inventory.json"
     train_file.write_text(json.dumps(records) + "\n")
 
@@ -87,7 +92,7 @@ def main() -> None:
     # the prompts hold the facts, not videos: the blind baseline would ask the same prompt (the
     # model's own report has the real one); each item counts as many videos as its record had,
     # so the report groups single- and two-video questions as it does for the model
-    failed = run(engine, items, GenerationSettings(max_new_tokens=24), batch_size=16, blind=False)
+    failed = run(engine, items, GenerationSettings(max_new_tokens=48), batch_size=16, blind=False)
     videos = {str(r["id"]): len(r["video"]) if isinstance(r["video"], list) else 1
               for r in read_records(data / "test.json")}
     for item in items:
@@ -99,7 +104,7 @@ def main() -> None:
     summary = {
         "machine": platform.processor() or platform.machine(), "steps": steps,
         "train_records": len(records), "track_clips": args.track_clips,
-        "seed": seed, "train_seconds": round(train_s, 1),
+        "seed": seed, "reasoned": args.reasoned, "train_seconds": round(train_s, 1),
         "prompt_tokens_max": max(len(engine.chat.encode(it.messages, generation=True).input_ids) for it in items),
         **{group: result[group] for group in ("single_video", "two_video", "overall") if group in result},
         "per_type": {t: {k: v[k] for k in ("n", "accuracy", "majority")} for t, v in result["per_type"].items()},

@@ -2,7 +2,8 @@ import pytest
 
 from hilight.config import VideoInputConfig
 from hilight.errors import DataError
-from hilight.recipes.billiards_small.text_facts import cell, fact_lines, text_facts_records
+from hilight.evaluation.scoring import extract
+from hilight.recipes.billiards_small.text_facts import ball_cells, cell, fact_lines, reasoning, text_facts_records
 
 
 def _tracks() -> dict:
@@ -43,3 +44,58 @@ def test_text_facts_records_replace_each_video_by_its_lines():
     assert question.count("the cue ball:") == 2 and "<video>" not in question and question.endswith(": same?")
     with pytest.raises(DataError, match="no tracks for c.mp4"):
         text_facts_records([{**records[0], "video": "c.mp4"}], captions, VideoInputConfig(num_frames=2))
+
+
+def _bounce() -> dict:
+    """4 frames: the cue ball rolls right, bounces off the right cushion back to the left and
+    stops; the red ball is hit in frame 2 and pocketed before frame 3; the blue ball never moves."""
+    cue = [(0.3, 0.5), (0.6, 0.5), (0.95, 0.55), (0.7, 0.6)]
+    red = [(0.8, 0.3), (0.8, 0.3), (0.9, 0.1), (-1.0, -1.0)]
+    blue = [(0.1, 0.9)] * 4
+    return {"names": ["cue", "red", "blue"], "fps": 4, "radius": 0.02,
+            "xy": [[*c, *r, *b] for c, r, b in zip(cue, red, blue, strict=True)]}
+
+
+@pytest.mark.parametrize(("qtype", "question", "step"), [
+    ("cue_direction", "Where did the cue ball go?", "The cue ball went from c5 to e5."),
+    ("cushions", "How many cushions?", "The cue ball turned at h5."),
+    ("pocket", "Which pocket did the red ball go into?", "The red ball was last at h1."),
+    ("first_contact", "Which ball was hit first?", "The first ball to move went from g3 to h1."),
+    ("balls_left", "How many are left?", None),
+])
+def test_reasoning_reads_the_step_from_the_fact_lines(qtype, question, step):
+    video = VideoInputConfig(num_frames=4)
+    assert fact_lines(_bounce(), video) == ["the cue ball: c5 e5 h5 f5", "the red ball: g3 g3 h1 off",
+                                            "the blue ball: a8 a8 a8 a8"]
+    assert reasoning(qtype, question, [ball_cells(_bounce(), video)], [_bounce()["names"]]) == step
+
+
+def test_reasoning_of_still_and_straight_clips_and_pairs():
+    video = VideoInputConfig(num_frames=2)
+    names = [_tracks()["names"]]
+    assert reasoning("cushions", "?", [ball_cells(_tracks(), video)], names) == "The cue ball went straight."
+    still = {**_tracks(), "xy": [[0.05, 0.9, 0.5, 0.12]] * 10}
+    assert reasoning("cue_direction", "?", [ball_cells(still, video)], names) == "The cue ball stayed at a8."
+    assert reasoning("first_contact", "?", [ball_cells(still, video)], names) == "No ball moved."
+    both = [ball_cells(_tracks(), video), ball_cells(still, video)]
+    assert reasoning("which_more_left", "?", both, names * 2) == "Balls left: 0 and 1."
+
+
+def test_reasoned_records_say_the_step_before_the_answer_and_score_as_the_answer():
+    captions = [{"video": "a.mp4", "tracks": _bounce()}]
+    records = [{"id": "multi", "video": "a.mp4", "meta": {"types": ["cushions", "scratch", "cue_direction"]},
+                "conversations": [{"from": "human", "value": "<video>\nHow many cushions?"},
+                                  {"from": "gpt", "value": "The cue ball hit one cushion."},
+                                  {"from": "human", "value": "Did the cue ball fall in?"},
+                                  {"from": "gpt", "value": "No, the cue ball stayed on the table."},
+                                  {"from": "human", "value": "Where did it go first?"},
+                                  {"from": "gpt", "value": "The cue ball moved towards the right."}]}]
+    plain = text_facts_records(records, captions, VideoInputConfig(num_frames=4))[0]["conversations"]
+    turns = text_facts_records(records, captions, VideoInputConfig(num_frames=4), reasoned=True)[0]["conversations"]
+    answers = [t["value"] for t in turns if t["from"] == "gpt"]
+    assert answers == ["The cue ball turned at h5. The cue ball hit one cushion.",
+                       "No, the cue ball stayed on the table.",
+                       "The cue ball went from c5 to e5. The cue ball moved towards the right."]
+    assert [t["value"] for t in turns if t["from"] == "human"] == [t["value"] for t in plain if t["from"] == "human"]
+    # the step names no value the scorer could take for the answer's
+    assert extract("number", answers[0]) == "1" and extract("direction", answers[2]) == "right"

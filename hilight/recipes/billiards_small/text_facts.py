@@ -35,19 +35,71 @@ def cell(x: float, y: float, grid: int = GRID) -> str:
     return f"{string.ascii_lowercase[column]}{row + 1}"
 
 
+def ball_cells(tracks: dict, video_cfg: VideoInputConfig, grid: int = GRID) -> list[list[str | None]]:
+    """[N][T]: each ball's cell in each frame the model is shown (``video_cfg``'s sampling of the
+    clip's frames), None once it has left the table; balls in the order ``tracks`` names them."""
+    shown = shown_positions(tracks, video_cfg)  # [T, N, 2]
+    return [[cell(x, y, grid) if x >= 0 else None for x, y in shown[:, n].tolist()] for n in range(shown.shape[1])]
+
+
 def fact_lines(tracks: dict, video_cfg: VideoInputConfig, grid: int = GRID) -> list[str]:
     """One line per ball, in the order ``tracks`` names them: its grid cell in each frame the
-    model is shown (``video_cfg``'s sampling of the clip's frames), ``off`` once it has left the
-    table. A ball's whole motion is one line of text."""
-    shown = shown_positions(tracks, video_cfg)  # [T, N, 2]
-    return [f"the {name} ball: " + " ".join(cell(x, y, grid) if x >= 0 else "off" for x, y in shown[:, n].tolist())
-            for n, name in enumerate(tracks["names"])]
+    model is shown, ``off`` once it has left the table. A ball's whole motion is one line of text."""
+    return [f"the {name} ball: " + " ".join(c or "off" for c in cells)
+            for name, cells in zip(tracks["names"], ball_cells(tracks, video_cfg, grid), strict=True)]
+
+
+def _xy(c: str) -> tuple[int, int]:
+    return string.ascii_lowercase.index(c[0]), int(c[1:])
+
+
+def _listed(cells: list[str]) -> str:
+    return ", ".join(cells[:-1]) + " and " + cells[-1] if len(cells) > 1 else cells[0]
+
+
+def reasoning(qtype: str, question: str, clips: list[list[list[str | None]]], names: list[list[str]]) -> str | None:
+    """The step a question of ``qtype`` needs, read from the fact lines of its clips (``clips``:
+    each clip's :func:`ball_cells`; ``names``: each clip's balls, as its tracks name them), as
+    one sentence said before the answer; None for the types that read one fact directly.
+
+    The sentence names cells and counts in digits, never a colour, direction, pocket or clip
+    word, so that scoring reads the answer's value from the sentence that follows it."""
+    if qtype == "which_more_left":
+        left = [sum(c[-1] is not None for n, c in zip(balls, clip, strict=True) if n != "cue")
+                for balls, clip in zip(names, clips, strict=True)]
+        return f"Balls left: {left[0]} and {left[1]}."
+    if qtype not in ("cue_direction", "cushions", "pocket", "first_contact"):
+        return None
+    (clip,), (balls,) = clips, names
+    if qtype == "pocket":  # the asked ball's last cell before it left the table
+        ball = next((n for n in balls if f" {n} ball" in f" {question.lower()}"), None)
+        if ball is None:
+            return None
+        seen = [c for c in clip[balls.index(ball)] if c is not None]
+        return f"The {ball} ball was last at {seen[-1]}." if seen else None
+    if qtype == "first_contact":  # the first object ball to leave its first cell
+        for t in range(1, len(clip[0])):
+            movers = [c for n, c in zip(balls, clip, strict=True) if n != "cue" and c[0] is not None and c[t] != c[0]]
+            if movers:
+                return f"The first ball to move went from {movers[0][0]} to {movers[0][t] or 'off'}."
+        return "No ball moved."
+    path = [c for c in clip[balls.index("cue")] if c is not None]
+    path = [c for k, c in enumerate(path) if k == 0 or c != path[k - 1]]  # its distinct cells in order
+    if qtype == "cue_direction":
+        return f"The cue ball went from {path[0]} to {path[1]}." if len(path) > 1 else f"The cue ball stayed at {path[0]}."
+    turns = []  # cushions: the cells where the cue ball's motion reverses along a column or a row
+    for a, b, c in zip(path, path[1:], path[2:], strict=False):
+        (xa, ya), (xb, yb), (xc, yc) = _xy(a), _xy(b), _xy(c)
+        if (xb - xa) * (xc - xb) < 0 or (yb - ya) * (yc - yb) < 0:
+            turns.append(b)
+    return f"The cue ball turned at {_listed(turns)}." if turns else "The cue ball went straight."
 
 
 def text_facts_records(records: list[dict], captions: list[dict], video_cfg: VideoInputConfig,
-                       grid: int = GRID) -> list[dict]:
+                       grid: int = GRID, reasoned: bool = False) -> list[dict]:
     """``records`` with every ``<video>`` replaced by its clip's fact lines (and no videos).
-    Records read in segments (``sampling``) are left out: the task is the one-block questions."""
+    Records read in segments (``sampling``) are left out: the task is the one-block questions.
+    ``reasoned``: every answer whose type has a :func:`reasoning` step says it first."""
     tracks = {c["video"]: c["tracks"] for c in captions}
     out = []
     for rec in records:
@@ -58,11 +110,18 @@ def text_facts_records(records: list[dict], captions: list[dict], video_cfg: Vid
         if missing:
             raise DataError(f"record {rec.get('id')}: no tracks for {missing[0]}")
         blocks = iter("\n".join(fact_lines(tracks[n], video_cfg, grid)) for n in names)
-        turns = []
+        clips = [ball_cells(tracks[n], video_cfg, grid) for n in names] if reasoned else []
+        types = iter(rec.get("meta", {}).get("types", []))
+        turns, question = [], ""
         for turn in rec["conversations"]:
             value = turn["value"]
             while VIDEO_TOKEN in value:
                 value = value.replace(VIDEO_TOKEN, next(blocks), 1)
+            if turn["from"] == "human":
+                question = value
+            elif reasoned and (qtype := next(types, None)):
+                step = reasoning(qtype, question, clips, [tracks[n]["names"] for n in names])
+                value = f"{step} {value}" if step else value
             turns.append({**turn, "value": value})
         text = {k: v for k, v in rec.items() if k not in ("video", "conversations")}
         out.append({**text, "conversations": turns})
@@ -70,14 +129,15 @@ def text_facts_records(records: list[dict], captions: list[dict], video_cfg: Vid
 
 
 def write_text_facts(data: Path, out: Path, video_cfg: VideoInputConfig,
-                     splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Path]:
+                     splits: tuple[str, ...] = ("train", "val", "test"), reasoned: bool = False) -> dict[str, Path]:
     """The text-facts version of a billiards data set's ``splits`` under ``out``; returns
     {split: file}. Every split's captions (``{split}-captions.json``) hold its tracks."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for split in splits:
         records = text_facts_records(read_records(data / f"{split}.json"),
-                                     read_records(data / f"{split}-captions.json"), video_cfg)
+                                     read_records(data / f"{split}-captions.json"), video_cfg,
+                                     reasoned=reasoned)
         files[split] = out / f"{split}.json"
         files[split].write_text(json.dumps(records) + "\n")
     return files
