@@ -99,3 +99,13 @@ def test_reasoned_records_say_the_step_before_the_answer_and_score_as_the_answer
     assert [t["value"] for t in turns if t["from"] == "human"] == [t["value"] for t in plain if t["from"] == "human"]
     # the step names no value the scorer could take for the answer's
     assert extract("number", answers[0]) == "1" and extract("direction", answers[2]) == "right"
+
+
+def test_reasoned_pocket_names_the_asked_ball_not_the_first_line():
+    captions = [{"video": "a.mp4", "tracks": _bounce()}]
+    records = [{"id": "p", "video": "a.mp4", "meta": {"types": ["pocket"]},
+                "conversations": [{"from": "human", "value": "<video>\nWhich pocket did the red ball go into?"},
+                                  {"from": "gpt", "value": "The red ball went into the top-right pocket."}]}]
+    out = text_facts_records(records, captions, VideoInputConfig(num_frames=4), reasoned=True)
+    assert out[0]["conversations"][1]["value"] == ("The red ball was last at h1. "
+                                                   "The red ball went into the top-right pocket.")

@@ -118,7 +118,7 @@ def text_facts_records(records: list[dict], captions: list[dict], video_cfg: Vid
             while VIDEO_TOKEN in value:
                 value = value.replace(VIDEO_TOKEN, next(blocks), 1)
             if turn["from"] == "human":
-                question = value
+                question = turn["value"]  # its words: the fact lines name every ball
             elif reasoned and (qtype := next(types, None)):
                 step = reasoning(qtype, question, clips, [tracks[n]["names"] for n in names])
                 value = f"{step} {value}" if step else value
