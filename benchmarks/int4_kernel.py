@@ -71,7 +71,8 @@ def main() -> None:
         for name, (n, k, count) in layers.items():
             weight, scale_zero = packed(n, k, group)
             x = torch.randn(1, k).to(torch.bfloat16)
-            seconds = median_time(lambda: torch._weight_int4pack_mm_for_cpu(x, weight, group, scale_zero), args.repeats)
+            seconds = median_time(lambda x=x, w=weight, g=group, sz=scale_zero:
+                                  torch._weight_int4pack_mm_for_cpu(x, w, g, sz), args.repeats)
             nbytes = weight.numel() + scale_zero.numel() * 2
             per_layer[name] = {"n": n, "k": k, "ms": seconds * 1e3, "gb_per_s": nbytes / seconds / 1e9,
                                "of_read_rate": nbytes / seconds / 1e9 / bandwidth}

@@ -95,33 +95,61 @@ def reasoning(qtype: str, question: str, clips: list[list[list[str | None]]], na
     return f"The cue ball turned at {_listed(turns)}." if turns else "The cue ball went straight."
 
 
-def text_facts_records(records: list[dict], captions: list[dict], video_cfg: VideoInputConfig,
-                       grid: int = GRID, reasoned: bool = False) -> list[dict]:
-    """``records`` with every ``<video>`` replaced by its clip's fact lines (and no videos).
-    Records read in segments (``sampling``) are left out: the task is the one-block questions.
-    ``reasoned``: every answer whose type has a :func:`reasoning` step says it first."""
+def _tracks_of(rec: dict, tracks: dict[str, dict]) -> list[str]:
+    """The names of ``rec``'s videos, each checked to have its tracks."""
+    names = rec["video"] if isinstance(rec["video"], list) else [rec["video"]]
+    missing = [n for n in names if n not in tracks]
+    if missing:
+        raise DataError(f"record {rec.get('id')}: no tracks for {missing[0]}")
+    return names
+
+
+def reasoned_records(records: list[dict], captions: list[dict], video_cfg: VideoInputConfig,
+                     grid: int = GRID) -> list[dict]:
+    """``records`` (videos kept) with the :func:`reasoning` step said before every answer whose
+    type has one, read from the cells of the frames ``video_cfg`` shows; records read in
+    segments (``sampling``) are kept as they are."""
     tracks = {c["video"]: c["tracks"] for c in captions}
     out = []
     for rec in records:
         if rec.get("sampling"):
+            out.append(rec)
             continue
-        names = rec["video"] if isinstance(rec["video"], list) else [rec["video"]]
-        missing = [n for n in names if n not in tracks]
-        if missing:
-            raise DataError(f"record {rec.get('id')}: no tracks for {missing[0]}")
-        blocks = iter("\n".join(fact_lines(tracks[n], video_cfg, grid)) for n in names)
-        clips = [ball_cells(tracks[n], video_cfg, grid) for n in names] if reasoned else []
+        names = _tracks_of(rec, tracks)
+        clips = [ball_cells(tracks[n], video_cfg, grid) for n in names]
+        balls = [tracks[n]["names"] for n in names]
         types = iter(rec.get("meta", {}).get("types", []))
         turns, question = [], ""
         for turn in rec["conversations"]:
             value = turn["value"]
+            if turn["from"] == "human":
+                question = value
+            elif qtype := next(types, None):
+                step = reasoning(qtype, question.replace(VIDEO_TOKEN, " "), clips, balls)
+                value = f"{step} {value}" if step else value
+            turns.append({**turn, "value": value})
+        out.append({**rec, "conversations": turns})
+    return out
+
+
+def text_facts_records(records: list[dict], captions: list[dict], video_cfg: VideoInputConfig,
+                       grid: int = GRID, reasoned: bool = False) -> list[dict]:
+    """``records`` with every ``<video>`` replaced by its clip's fact lines (and no videos).
+    Records read in segments (``sampling``) are left out: the task is the one-block questions.
+    ``reasoned``: every answer whose type has a :func:`reasoning` step says it first
+    (:func:`reasoned_records`)."""
+    tracks = {c["video"]: c["tracks"] for c in captions}
+    records = [rec for rec in records if not rec.get("sampling")]
+    if reasoned:
+        records = reasoned_records(records, captions, video_cfg, grid)
+    out = []
+    for rec in records:
+        blocks = iter("\n".join(fact_lines(tracks[n], video_cfg, grid)) for n in _tracks_of(rec, tracks))
+        turns = []
+        for turn in rec["conversations"]:
+            value = turn["value"]
             while VIDEO_TOKEN in value:
                 value = value.replace(VIDEO_TOKEN, next(blocks), 1)
-            if turn["from"] == "human":
-                question = turn["value"]  # its words: the fact lines name every ball
-            elif reasoned and (qtype := next(types, None)):
-                step = reasoning(qtype, question, clips, [tracks[n]["names"] for n in names])
-                value = f"{step} {value}" if step else value
             turns.append({**turn, "value": value})
         text = {k: v for k, v in rec.items() if k not in ("video", "conversations")}
         out.append({**text, "conversations": turns})
