@@ -3,7 +3,14 @@ import pytest
 from hilight.config import VideoInputConfig
 from hilight.errors import DataError
 from hilight.evaluation.scoring import extract
-from hilight.recipes.billiards_small.text_facts import ball_cells, cell, fact_lines, reasoning, text_facts_records
+from hilight.recipes.billiards_small.text_facts import (
+    ball_cells,
+    cell,
+    fact_lines,
+    reasoned_records,
+    reasoning,
+    text_facts_records,
+)
 
 
 def _tracks() -> dict:
@@ -109,3 +116,15 @@ def test_reasoned_pocket_names_the_asked_ball_not_the_first_line():
     out = text_facts_records(records, captions, VideoInputConfig(num_frames=4), reasoned=True)
     assert out[0]["conversations"][1]["value"] == ("The red ball was last at h1. "
                                                    "The red ball went into the top-right pocket.")
+
+
+def test_reasoned_records_keep_their_videos_and_leave_segment_reads_alone():
+    captions = [{"video": "a.mp4", "tracks": _bounce()}]
+    asked = {"id": "d", "video": "a.mp4", "meta": {"types": ["cue_direction"]},
+             "conversations": [{"from": "human", "value": "<video>\nWhere did the cue ball go?"},
+                               {"from": "gpt", "value": "The cue ball moved towards the right."}]}
+    segments = {**asked, "id": "s", "sampling": {"num_frames": 8}}
+    out = reasoned_records([asked, segments], captions, VideoInputConfig(num_frames=4))
+    assert out[0]["video"] == "a.mp4" and out[0]["conversations"][0] == asked["conversations"][0]
+    assert out[0]["conversations"][1]["value"] == "The cue ball went from c5 to e5. The cue ball moved towards the right."
+    assert out[1] is segments
