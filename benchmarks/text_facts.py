@@ -30,13 +30,31 @@ from hilight.checkpoint import read_config
 from hilight.config import DataConfig, TrainableConfig, TrainConfig
 from hilight.data import read_records
 from hilight.evaluation.qa import load_items, markdown, report, run
+from hilight.evaluation.scoring import extract
 from hilight.inference.engine import Engine, GenerationSettings
 from hilight.recipes.billiards_small.questions import inventory_records
 from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe
-from hilight.recipes.billiards_small.text_facts import text_facts_records, write_text_facts
+from hilight.recipes.billiards_small.text_facts import REASONED_TYPES, text_facts_records, write_text_facts
 from hilight.synth.dataset import TRACKS, generate_tracks
 from hilight.training.loop import latest_checkpoint
 from hilight.training.vlm import train
+
+
+def reasoning_steps(items: list) -> dict[str, dict]:
+    """Per reasoned question type: how often the answer's reasoning step is the reference's word
+    for word, and the accuracy when it is and when it is not."""
+    out = {}
+    for qtype in REASONED_TYPES:
+        group = [it for it in items if it.qtype == qtype and it.answer is not None]
+        if not group:
+            continue
+        right = [it.answer.startswith(it.reference.split(". ")[0] + ".") for it in group]
+        hit = [extract(it.kind, it.answer) == it.truth for it in group]
+        given = {flag: [h for h, r in zip(hit, right, strict=True) if r == flag] for flag in (True, False)}
+        out[qtype] = {"n": len(group), "step_right": sum(right) / len(group),
+                      **{f"accuracy_step_{'right' if flag else 'wrong'}": sum(h) / len(h) if h else None
+                         for flag, h in given.items()}}
+    return out
 
 
 def main() -> None:
@@ -98,6 +116,9 @@ def main() -> None:
     for item in items:
         item.videos = [None] * videos[item.id.split("#")[0]]  # "ID#TURN" for a later turn
     result = report(items, failed, problems)
+    (work / "answers.json").write_text(json.dumps([{"id": it.id, "type": it.qtype, "truth": it.truth,
+                                                    "reference": it.reference, "answer": it.answer}
+                                                   for it in items], indent=0) + "\n")
     (work / "report.md").write_text(markdown(result, "the text-facts ceiling: true frame facts as text"))
     model_report = args.run / "report" / "report.json"
     model = json.loads(model_report.read_text()) if model_report.is_file() else {}
@@ -112,6 +133,8 @@ def main() -> None:
         "model_own_per_type": {t: v["accuracy"] for t, v in model.get("per_type", {}).items()},
         "failed": len(failed), "skipped_records": problems,
     }
+    if args.reasoned:
+        summary["reasoning_steps"] = reasoning_steps(items)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in ("single_video", "two_video", "model_own_answers", "train_seconds")

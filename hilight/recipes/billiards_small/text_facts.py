@@ -26,6 +26,8 @@ from hilight.recipes.billiards_small.facts import shown_positions
 from hilight.text import VIDEO_TOKEN
 
 GRID = 8
+# the question types whose answers say a reasoning step first (:func:`reasoning`)
+REASONED_TYPES = ("cue_direction", "cushions", "pocket", "first_contact", "which_more_left")
 
 
 def cell(x: float, y: float, grid: int = GRID) -> str:
@@ -68,7 +70,7 @@ def reasoning(qtype: str, question: str, clips: list[list[list[str | None]]], na
         left = [sum(c[-1] is not None for n, c in zip(balls, clip, strict=True) if n != "cue")
                 for balls, clip in zip(names, clips, strict=True)]
         return f"Balls left: {left[0]} and {left[1]}."
-    if qtype not in ("cue_direction", "cushions", "pocket", "first_contact"):
+    if qtype not in REASONED_TYPES:
         return None
     (clip,), (balls,) = clips, names
     if qtype == "pocket":  # the asked ball's last cell before it left the table
