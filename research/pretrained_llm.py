@@ -6,8 +6,7 @@ trained by ``benchmarks/text_facts.py`` on the same run's base (``--llm``: its `
 that LLM into the aligned model in place of the random one, and runs the recipe's steps 5-8 on it
 under ``--out``: stage 1 trains TokenMining with the LLM frozen, on the answers (``--stage1-lm``,
 default 1) beside the frame facts, so that its tokens are what the pre-trained LLM reads; stage 2
-is the recipe's full fine-tune (``--reasoned``: on answers that say their reasoning step first,
-as the LLM was pre-trained with ``benchmarks/text_facts.py --reasoned``).
+is the recipe's full fine-tune.
 
     .venv/bin/python research/pretrained_llm.py --run RUN --llm RUN/text-facts/llm/final --out DIR [KEY=VALUE ...]
 
@@ -31,7 +30,6 @@ def main() -> None:
     parser.add_argument("--llm", type=Path, required=True, help="a checkpoint whose LLM was trained on text facts")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stage1-lm", type=float, default=1.0, help="the answers' weight in stage 1")
-    parser.add_argument("--reasoned", action="store_true", help="stage 2's answers say their reasoning step first")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the recipe's dotted overrides")
     args = parser.parse_args()
 
@@ -40,7 +38,7 @@ def main() -> None:
     _prepare(args.run, data, cfg, 2, Progress(args.run, {"recipe": "billiards-small", "config": to_dict(cfg)}))
     args.out.mkdir(parents=True, exist_ok=True)
     progress = Progress(args.out, {"recipe": "billiards-small", "config": to_dict(cfg), "llm": str(args.llm),
-                                   "stage1_lm": args.stage1_lm, "reasoned": args.reasoned})
+                                   "stage1_lm": args.stage1_lm})
     start = args.out / "aligned-pretrained"
 
     def merge() -> None:
@@ -52,8 +50,7 @@ def main() -> None:
         save_checkpoint(model, start, tokenizer)
 
     progress.step("pre-trained LLM into the aligned model", start / "config.json", merge)
-    model = _vlm(args.out, data, start, args.run / "features", cfg, progress, stage1_lm=args.stage1_lm,
-                 reasoned=args.reasoned)
+    model = _vlm(args.out, data, start, args.run / "features", cfg, progress, stage1_lm=args.stage1_lm)
     progress.step(STEPS[7], args.out / "report-long" / "report.json", lambda: _evaluate(model, data, args.out))
     result = json.loads((args.out / "report" / "report.json").read_text())
     print(json.dumps(progress.save(accuracy={k: result[k] for k in ("single_video", "two_video", "overall")

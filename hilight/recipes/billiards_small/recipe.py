@@ -232,17 +232,14 @@ def align_config(model: Path, tower: str, data: Path, output: Path, frames: Path
 
 
 def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig, progress: Progress,
-         stage1_lm: float | None = None, reasoned: bool = False) -> Path:
+         stage1_lm: float | None = None) -> Path:
     """Steps 5-7: tower features, stage 1, stage 2; returns the final model's directory.
-    ``stage1_lm``: the answers' weight in stage 1 (default: none beside the frame facts);
-    ``reasoned``: stage 2's answers say their reasoning step first
-    (``text_facts.reasoned_records``, from the true cells of the frames the model is shown)."""
+    ``stage1_lm``: the answers' weight in stage 1 (default: none beside the frame facts)."""
     import torch
 
     from hilight.checkpoint import load_checkpoint, read_config
     from hilight.data import FeatureCache, extract_features, read_records, record_blocks, tower_identity
     from hilight.recipes.billiards_small.questions import inventory_records
-    from hilight.recipes.billiards_small.text_facts import reasoned_records
     from hilight.training.vlm import train
 
     def extract() -> None:
@@ -257,11 +254,8 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig
     # stage 2 trains on the questions, the inventory questions of every training clip and the
     # long clips' questions
     train_records = out / "stage2-train.json"
-    video_cfg = read_config(aligned).video
-    records = (read_records(data / "train.json") + inventory_records(data, video_cfg)
+    records = (read_records(data / "train.json") + inventory_records(data, read_config(aligned).video)
                + read_records(data / "train-long.json"))
-    if reasoned:
-        records = reasoned_records(records, read_records(data / "train-captions.json"), video_cfg)
     train_records.write_text(json.dumps(records) + "\n")
     vlm_data = DataConfig(train=str(data / "train.json"), val=str(data / "val.json"), videos=str(data / "videos"),
                           cache=str(features))
@@ -289,7 +283,7 @@ def _evaluate(model: Path, data: Path, out: Path) -> dict:
     from hilight.inference.engine import Engine, GenerationSettings
 
     engine = Engine.from_checkpoint(model)
-    settings = GenerationSettings(max_new_tokens=48)  # room for a reasoning step before the answer
+    settings = GenerationSettings(max_new_tokens=24)
     result = evaluate(engine, data / "test.json", data / "videos", out / "report", settings, batch_size=16,
                       title=f"billiards-small on the held-out test split ({out.name})")
     evaluate(engine, data / "test-long.json", data / "videos", out / "report-long", settings, batch_size=16,
