@@ -23,44 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import string
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-from transformers import AddedToken
-
-from hilight.checkpoint import read_config, save_checkpoint
+from hilight.checkpoint import read_config
 from hilight.config import DataConfig, TrainableConfig, TrainConfig
 from hilight.data import read_records
 from hilight.evaluation.qa import load_items, markdown, report, run
 from hilight.evaluation.scoring import extract
 from hilight.inference.engine import Engine, GenerationSettings
-from hilight.model import HiLight
 from hilight.recipes.billiards_small.questions import inventory_records
 from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe
-from hilight.recipes.billiards_small.text_facts import GRID, REASONED_TYPES, text_facts_records, write_text_facts
+from hilight.recipes.billiards_small.text_facts import REASONED_TYPES, text_facts_records, write_text_facts
 from hilight.synth.dataset import TRACKS, generate_tracks
-from hilight.tokenizer import load_tokenizer
 from hilight.training.loop import latest_checkpoint
 from hilight.training.vlm import train
-
-
-def cell_token_base(base: Path, out: Path, seed: int) -> Path:
-    """``base``'s tokenizer with every grid cell (`` d5``, space included) as one token of its own,
-    and a model with random weights for that vocabulary, saved to ``out`` (kept once made). The
-    byte-level tokenizer splits a cell into its column and its row digit, and the LLM then copies
-    a cell's column but not its row (the research log of 2026-12-07)."""
-    if (out / "config.json").is_file():
-        return out
-    tokenizer = load_tokenizer(base)
-    tokenizer.add_tokens([AddedToken(f" {c}{r}", normalized=False) for c in string.ascii_lowercase[:GRID]
-                          for r in range(1, GRID + 1)])
-    config = read_config(base)
-    torch.manual_seed(seed)
-    save_checkpoint(HiLight(replace(config, llm=replace(config.llm, vocab_size=len(tokenizer)))), out, tokenizer)
-    return out
 
 
 def reasoning_steps(items: list) -> dict[str, dict]:
@@ -87,7 +64,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's stage 2 steps)")
     parser.add_argument("--track-clips", type=int, default=0, help="more training clips, simulated only")
     parser.add_argument("--reasoned", action="store_true", help="answers say the step they need first")
-    parser.add_argument("--cell-tokens", action="store_true", help="every grid cell one token (a new random base)")
     parser.add_argument("--seed", type=int, help="the training's seed (default: the recipe's; the data stay the same)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text-facts.json"))
     args = parser.parse_args()
@@ -97,8 +73,6 @@ def main() -> None:
     seed = cfg.seed if args.seed is None else args.seed
     work = args.work or args.run / "text-facts"
     data, base = args.run / "data", args.run / "base"
-    if args.cell_tokens:
-        base = cell_token_base(base, work / "base", cfg.seed)
     video_cfg = read_config(base).video
     files = write_text_facts(data, work / "data", video_cfg, reasoned=args.reasoned)
     inventory = text_facts_records(inventory_records(data, video_cfg), read_records(data / "train-captions.json"),
@@ -151,7 +125,7 @@ def main() -> None:
     summary = {
         "machine": platform.processor() or platform.machine(), "steps": steps,
         "train_records": len(records), "track_clips": args.track_clips,
-        "seed": seed, "reasoned": args.reasoned, "cell_tokens": args.cell_tokens, "train_seconds": round(train_s, 1),
+        "seed": seed, "reasoned": args.reasoned, "train_seconds": round(train_s, 1),
         "prompt_tokens_max": max(len(engine.chat.encode(it.messages, generation=True).input_ids) for it in items),
         **{group: result[group] for group in ("single_video", "two_video", "overall") if group in result},
         "per_type": {t: {k: v[k] for k in ("n", "accuracy", "majority")} for t, v in result["per_type"].items()},
