@@ -26,6 +26,8 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 from hilight.checkpoint import read_config
 from hilight.config import DataConfig, TrainableConfig, TrainConfig
 from hilight.data import read_records
@@ -34,10 +36,42 @@ from hilight.evaluation.scoring import extract
 from hilight.inference.engine import Engine, GenerationSettings
 from hilight.recipes.billiards_small.questions import inventory_records
 from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe
-from hilight.recipes.billiards_small.text_facts import REASONED_TYPES, text_facts_records, write_text_facts
+from hilight.recipes.billiards_small.text_facts import (
+    REASONED_TYPES,
+    ball_cells,
+    fact_lines,
+    text_facts_records,
+    write_text_facts,
+)
 from hilight.synth.dataset import TRACKS, generate_tracks
 from hilight.training.loop import latest_checkpoint
 from hilight.training.vlm import train
+
+
+def reading_records(clips: list[dict], video_cfg, per_clip: int, seed: int) -> list[dict]:
+    """Training-only questions that read one place of the fact lines, ``per_clip`` for each clip,
+    alternating: where a ball was in frame k (``In frame 3 the red ball was at e3.``), and a
+    ball's whole line repeated. What a pre-trained LLM brings and this one lacks (the research
+    log of 2026-12-07): fetching a token from a given place of a given line."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for clip in clips:
+        tracks = clip["tracks"]
+        facts = "\n".join(fact_lines(tracks, video_cfg))
+        cells = ball_cells(tracks, video_cfg)
+        for j in range(per_clip):
+            n = int(rng.integers(len(cells)))
+            ball = tracks["names"][n]
+            if j % 2 == 0:
+                k = int(rng.integers(len(cells[n])))
+                where = f"was at {cells[n][k]}" if cells[n][k] else "was off the table"
+                question, answer = f"Where was the {ball} ball in frame {k + 1}?", f"In frame {k + 1} the {ball} ball {where}."
+            else:
+                question, answer = f"Repeat the {ball} ball's line.", " ".join(c or "off" for c in cells[n]) + "."
+            out.append({"id": f"{clip['video']}-reading-{j}", "meta": {"types": ["reading"], "truth": [answer]},
+                        "conversations": [{"from": "human", "value": f"{facts}\n{question}"},
+                                          {"from": "gpt", "value": answer}]})
+    return out
 
 
 def reasoning_steps(items: list) -> dict[str, dict]:
@@ -64,6 +98,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's stage 2 steps)")
     parser.add_argument("--track-clips", type=int, default=0, help="more training clips, simulated only")
     parser.add_argument("--reasoned", action="store_true", help="answers say the step they need first")
+    parser.add_argument("--reading", type=int, default=0, metavar="N",
+                        help="N reading questions per training clip besides (a ball's cell in frame k, its line)")
     parser.add_argument("--seed", type=int, help="the training's seed (default: the recipe's; the data stay the same)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text-facts.json"))
     args = parser.parse_args()
@@ -88,6 +124,11 @@ def main() -> None:
         records += text_facts_records(read_records(tracks / f"{TRACKS}.json")
                                     + inventory_records(tracks, video_cfg, split=TRACKS), captions, video_cfg,
                                     reasoned=args.reasoned)
+    if args.reading:
+        clips = read_records(data / "train-captions.json")
+        if args.track_clips:
+            clips += read_records(args.run / "text-facts" / "tracks" / f"{TRACKS}-captions.json")
+        records += reading_records(clips, video_cfg, args.reading, seed)
     train_file = work / "data" / "train-with-inventory.json"
     train_file.write_text(json.dumps(records) + "\n")
 
@@ -125,7 +166,7 @@ def main() -> None:
     summary = {
         "machine": platform.processor() or platform.machine(), "steps": steps,
         "train_records": len(records), "track_clips": args.track_clips,
-        "seed": seed, "reasoned": args.reasoned, "train_seconds": round(train_s, 1),
+        "seed": seed, "reasoned": args.reasoned, "reading_per_clip": args.reading, "train_seconds": round(train_s, 1),
         "prompt_tokens_max": max(len(engine.chat.encode(it.messages, generation=True).input_ids) for it in items),
         **{group: result[group] for group in ("single_video", "two_video", "overall") if group in result},
         "per_type": {t: {k: v[k] for k in ("n", "accuracy", "majority")} for t, v in result["per_type"].items()},
