@@ -90,10 +90,10 @@ def reasoning(qtype: str, question: str, clips: list[list[list[str | None]]], na
     if qtype == "cue_direction":
         return f"The cue ball went from {path[0]} to {path[1]}." if len(path) > 1 else f"The cue ball stayed at {path[0]}."
     turns = []  # cushions: the cells where the cue ball's motion reverses along a column or a row
-    for a, b, c in zip(path, path[1:], path[2:], strict=False):
-        (xa, ya), (xb, yb), (xc, yc) = _xy(a), _xy(b), _xy(c)
+    for k in range(1, len(path) - 1):
+        (xa, ya), (xb, yb), (xc, yc) = _xy(path[k - 1]), _xy(path[k]), _xy(path[k + 1])
         if (xb - xa) * (xc - xb) < 0 or (yb - ya) * (yc - yb) < 0:
-            turns.append(b)
+            turns.append(path[k])
     return f"The cue ball turned at {_listed(turns)}." if turns else "The cue ball went straight."
 
 
@@ -112,13 +112,17 @@ def reasoned_records(records: list[dict], captions: list[dict], video_cfg: Video
     type has one, read from the cells of the frames ``video_cfg`` shows; records read in
     segments (``sampling``) are kept as they are."""
     tracks = {c["video"]: c["tracks"] for c in captions}
+    cells: dict[str, list] = {}  # a clip's cells, computed once for all its records
     out = []
     for rec in records:
         if rec.get("sampling"):
             out.append(rec)
             continue
         names = _tracks_of(rec, tracks)
-        clips = [ball_cells(tracks[n], video_cfg, grid) for n in names]
+        for n in names:
+            if n not in cells:
+                cells[n] = ball_cells(tracks[n], video_cfg, grid)
+        clips = [cells[n] for n in names]
         balls = [tracks[n]["names"] for n in names]
         types = iter(rec.get("meta", {}).get("types", []))
         turns, question = [], ""
@@ -144,9 +148,14 @@ def text_facts_records(records: list[dict], captions: list[dict], video_cfg: Vid
     records = [rec for rec in records if not rec.get("sampling")]
     if reasoned:
         records = reasoned_records(records, captions, video_cfg, grid)
+    lines: dict[str, str] = {}  # a clip's fact lines, computed once for all its records
     out = []
     for rec in records:
-        blocks = iter("\n".join(fact_lines(tracks[n], video_cfg, grid)) for n in _tracks_of(rec, tracks))
+        names = _tracks_of(rec, tracks)
+        for n in names:
+            if n not in lines:
+                lines[n] = "\n".join(fact_lines(tracks[n], video_cfg, grid))
+        blocks = iter(lines[n] for n in names)
         turns = []
         for turn in rec["conversations"]:
             value = turn["value"]
