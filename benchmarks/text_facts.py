@@ -32,14 +32,13 @@ from hilight.checkpoint import read_config
 from hilight.config import DataConfig, TrainableConfig, TrainConfig
 from hilight.data import read_records
 from hilight.evaluation.qa import load_items, markdown, report, run
-from hilight.evaluation.scoring import extract
 from hilight.inference.engine import Engine, GenerationSettings
 from hilight.recipes.billiards_small.questions import inventory_records
 from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe
 from hilight.recipes.billiards_small.text_facts import (
-    REASONED_TYPES,
     ball_cells,
     fact_lines,
+    reasoning_steps,
     text_facts_records,
     write_text_facts,
 )
@@ -71,23 +70,6 @@ def reading_records(clips: list[dict], video_cfg, per_clip: int, seed: int) -> l
             out.append({"id": f"{clip['video']}-reading-{j}", "meta": {"types": ["reading"], "truth": [answer]},
                         "conversations": [{"from": "human", "value": f"{facts}\n{question}"},
                                           {"from": "gpt", "value": answer}]})
-    return out
-
-
-def reasoning_steps(items: list) -> dict[str, dict]:
-    """Per reasoned question type: how often the answer's reasoning step is the reference's word
-    for word, and the accuracy when it is and when it is not."""
-    out = {}
-    for qtype in REASONED_TYPES:
-        group = [it for it in items if it.qtype == qtype and it.answer is not None]
-        if not group:
-            continue
-        right = [it.answer.startswith(it.reference.split(". ")[0] + ".") for it in group]
-        hit = [extract(it.kind, it.answer) == it.truth for it in group]
-        given = {flag: [h for h, r in zip(hit, right, strict=True) if r == flag] for flag in (True, False)}
-        out[qtype] = {"n": len(group), "step_right": sum(right) / len(group),
-                      **{f"accuracy_step_{'right' if flag else 'wrong'}": sum(h) / len(h) if h else None
-                         for flag, h in given.items()}}
     return out
 
 

@@ -2,6 +2,7 @@ import pytest
 
 from hilight.config import VideoInputConfig
 from hilight.errors import DataError
+from hilight.evaluation.qa import Item
 from hilight.evaluation.scoring import extract
 from hilight.recipes.billiards_small.text_facts import (
     ball_cells,
@@ -9,6 +10,7 @@ from hilight.recipes.billiards_small.text_facts import (
     fact_lines,
     reasoned_records,
     reasoning,
+    reasoning_steps,
     text_facts_records,
 )
 
@@ -128,3 +130,19 @@ def test_reasoned_records_keep_their_videos_and_leave_segment_reads_alone():
     assert out[0]["video"] == "a.mp4" and out[0]["conversations"][0] == asked["conversations"][0]
     assert out[0]["conversations"][1]["value"] == "The cue ball went from c5 to e5. The cue ball moved towards the right."
     assert out[1] is segments
+
+
+def test_reasoning_steps_score_the_step_word_for_word_and_the_answer_after_it():
+    reference = "The cue ball went from c5 to e5. The cue ball moved towards the right."
+    answers = ["The cue ball went from c5 to e5. The cue ball moved towards the right.",  # step and answer right
+               "The cue ball went from c5 to e5. The cue ball moved towards the left.",  # step right, answer wrong
+               "The cue ball went from c5 to d4. The cue ball moved towards the right.",  # step wrong, answer right
+               "The cue ball went from c5 to e. The cue ball moved up."]  # a prefix of the step is not the step
+    items = [Item(id=str(n), messages=[], videos=[], reference=reference, qtype="cue_direction", kind="direction",
+                  truth="right", answer=a) for n, a in enumerate(answers)]
+    items.append(Item(id="other", messages=[], videos=[], reference="Yes.", qtype="scratch", kind="yesno",
+                      truth="yes", answer="Yes."))
+    steps = reasoning_steps(items)
+    assert list(steps) == ["cue_direction"]
+    assert steps["cue_direction"] == {"n": 4, "step_right": 0.5, "accuracy_step_right": 0.5,
+                                      "accuracy_step_wrong": 0.5}

@@ -22,6 +22,7 @@ from pathlib import Path
 from hilight.config import VideoInputConfig
 from hilight.data import read_records
 from hilight.errors import DataError
+from hilight.evaluation.scoring import extract
 from hilight.recipes.billiards_small.facts import shown_positions
 from hilight.text import VIDEO_TOKEN
 
@@ -180,3 +181,20 @@ def write_text_facts(data: Path, out: Path, video_cfg: VideoInputConfig,
         files[split] = out / f"{split}.json"
         files[split].write_text(json.dumps(records) + "\n")
     return files
+
+
+def reasoning_steps(items: list) -> dict[str, dict]:
+    """Per reasoned question type: how often the answer's reasoning step is the reference's word
+    for word, and the accuracy when it is and when it is not."""
+    out = {}
+    for qtype in REASONED_TYPES:
+        group = [it for it in items if it.qtype == qtype and it.answer is not None]
+        if not group:
+            continue
+        right = [it.answer.startswith(it.reference.split(". ")[0] + ".") for it in group]
+        hit = [extract(it.kind, it.answer) == it.truth for it in group]
+        given = {flag: [h for h, r in zip(hit, right, strict=True) if r == flag] for flag in (True, False)}
+        out[qtype] = {"n": len(group), "step_right": sum(right) / len(group),
+                      **{f"accuracy_step_{'right' if flag else 'wrong'}": sum(h) / len(h) if h else None
+                         for flag, h in given.items()}}
+    return out
