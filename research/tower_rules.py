@@ -91,6 +91,8 @@ def main() -> None:
         margins = torch.cat([best_patches(head(s), grid)[0] for _, s, _ in train])
     cut = thresholds(margins, torch.cat([f["present"] for _, _, f in train]))
     answers, presence, last_frame, errors = {}, [], [], collections.Counter()
+    cloths = {name: t["cloth"] for name, t in json.loads((data / "test-truth.json").read_text()).items()}
+    on_cloth = collections.defaultdict(lambda: [0, 0])  # "maroon on burgundy": [missed, present] ball-frames
     with torch.no_grad():
         for clip, states, facts in patch_rows(cache, data, "test", names, aligned):
             best, xy = best_patches(head(states), grid)
@@ -101,15 +103,22 @@ def main() -> None:
             for k, name in enumerate(names):
                 errors[f"{name} missed"] += int(((truth[:, k] == 1) & (seen[:, k] == 0)).sum())
                 errors[f"{name} seen but absent"] += int(((truth[:, k] == 0) & (seen[:, k] == 1)).sum())
+                tally = on_cloth[f"{name} on {cloths[clip['video']]}"]
+                tally[0] += int(((truth[:, k] == 1) & (seen[:, k] == 0)).sum())
+                tally[1] += int((truth[:, k] == 1).sum())
             answers[clip["video"]] = rule_answers(names, seen, xy)
     scored, overall = score(answers, json.loads((data / "test.json").read_text()))
     result = {"single_video": overall, "per_type": {t: v["accuracy"] for t, v in scored.items()},
               "presence_per_ball_and_frame": sum(presence) / len(presence),
-              "last_frame_all_right": sum(last_frame) / len(last_frame), "errors": dict(errors.most_common())}
+              "last_frame_all_right": sum(last_frame) / len(last_frame), "errors": dict(errors.most_common()),
+              "missed_by_cloth": {k: {"missed": m, "present": n, "rate": round(m / n, 3)}
+                                  for k, (m, n) in sorted(on_cloth.items()) if n}}
     print(f"rules on the video tower's linear read-out: single-video questions {overall:.1%}; presence per ball and "
           f"frame {result['presence_per_ball_and_frame']:.1%}, last frame all right {result['last_frame_all_right']:.1%}")
     print("  ".join(f"{t} {a:.1%}" for t, a in result["per_type"].items()))
     print("errors (ball-frames): " + ", ".join(f"{k} {v}" for k, v in errors.most_common(12)))
+    worst = sorted(result["missed_by_cloth"].items(), key=lambda kv: -kv[1]["rate"])[:8]
+    print("missed most, per colour and cloth: " + ", ".join(f"{k} {v['rate']:.0%} of {v['present']}" for k, v in worst))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
