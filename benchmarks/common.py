@@ -36,6 +36,11 @@ def synchronize() -> None:
 def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
     """Median wall-clock seconds of ``fn`` over ``repeats`` runs (after one warm-up run); GPU
     work is waited for."""
+    return statistics.median(run_times(fn, repeats, warmup))
+
+
+def run_times(fn: Callable[[], object], repeats: int, warmup: bool = True) -> list[float]:
+    """Wall-clock seconds of each of ``repeats`` runs of ``fn`` (after one warm-up run)."""
     if warmup:
         fn()
     times = []
@@ -45,7 +50,7 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> 
         fn()
         synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def gflop(fn: Callable[[], object]) -> float:
