@@ -4,7 +4,8 @@ wants speed would pick (it has no video support; the LLM is the part to compare)
 One run: the same random-weight Gemma-2B (HiLight's LLM at full size; N(0, 0.02) matrices, as
 ``benchmarks/e2e.py`` draws them) runs a 512-token prompt (random token ids, the same for every
 engine) and 64 greedy new tokens in HiLight's formats (``--quantize packed``, ``int8``,
-``int4``: the LLM alone, through ``generate`` as ``hilight`` runs it), then the model is saved
+``int4``: the LLM alone, through ``generate`` as ``hilight`` runs it; ``q8_0``, ``q4_k_m``: HiLight's
+LLM in llama.cpp, the GGUF written by HiLight, the prompt handed over as embeddings), then the model is saved
 as a Hugging Face Gemma directory, converted to GGUF by llama.cpp's own converter (Q8_0) and
 quantized by llama.cpp (Q4_K_M), and the same prompt runs in llama.cpp (llama-cpp-python, built
 for this CPU by ``benchmarks/llamacpp-setup.sh``; ``benchmarks/llamacpp_side.py`` there). Each
@@ -39,7 +40,7 @@ from hilight.config import preset
 from hilight.inference.quantize import quantize_llm
 
 HERE = Path(__file__).resolve().parent
-MODES = ("packed", "int8", "int4")
+MODES = ("packed", "int8", "int4", "q8_0", "q4_k_m")  # the last two: HiLight's LLM in llama.cpp (hilight[llamacpp])
 
 
 class Marks:
@@ -76,6 +77,55 @@ def hilight_side(model, prompt: list[int], new_tokens: int, repeats: int) -> dic
             "decode_tokens_per_s": statistics.median(decode[1:])}
 
 
+class _Clock:
+    """A streamer that notes when each put arrives: the (skipped) prompt, then every token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def llamacpp_side(model, fmt: str, work: Path, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    """HiLight's LLM through ``--quantize q4_k_m`` / ``q8_0``: written as GGUF by HiLight, quantized by
+    llama.cpp, run on the prompt's embeddings as HiLight builds them (``model.embed``), decoded
+    with no stop token; medians of ``repeats`` runs after a warm-up, each from an empty cache."""
+    from hilight.inference.llamacpp import LlamaCppLLM, export
+    from hilight.tokenizer import DEMO_CORPUS, train_tokenizer
+
+    tokenizer = train_tokenizer(DEMO_CORPUS, vocab_size=300)  # token strings only: prompts are ids
+    path = export(model, tokenizer, fmt, f"random-{model.config.llm.hidden_size}", directory=work)
+    runner = LlamaCppLLM(path, model.llm.get_input_embeddings(), len(prompt) + new_tokens)
+    model.llm.model.layers = torch.nn.ModuleList()  # llama.cpp holds the decoder: free torch's copy
+    gc.collect()
+    embeds = model.embed(torch.tensor([prompt]), None)
+    mask = torch.ones(1, len(prompt), dtype=torch.long)
+    prefill, decode = [], []
+    for _ in range(repeats + 1):
+        runner.held = []  # nothing reused: the whole prompt runs
+        clock = _Clock()
+        start = time.perf_counter()
+        runner.generate(embeds, mask, new_tokens, False, 1, [], model.config.llm.pad_token_id, streamer=clock)
+        prefill.append(clock.times[0] - start)
+        decode.append((len(clock.times) - 2) / (clock.times[-1] - clock.times[1]))
+    prefill_s = statistics.median(prefill[1:])
+    weights = tensor_bytes(path)
+    runner.close()
+    return {"prefill_s": prefill_s, "prefill_tokens_per_s": len(prompt) / prefill_s,
+            "decode_tokens_per_s": statistics.median(decode[1:]), "weight_bytes": weights, "gguf": path.name}
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of a GGUF file's tensors (the tied embedding is read whole as the LM head)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="hilight-2b")
@@ -107,9 +157,14 @@ def main() -> None:
         if not (hf / "model.safetensors").is_file() and not (hf / "model.safetensors.index.json").is_file():
             model.llm.save_pretrained(hf)  # what llama.cpp's converter reads
         start = time.perf_counter()
-        quantize_llm(model, mode=mode)
-        figures = hilight_side(model, prompt, args.new_tokens, args.repeats)
-        per_token = decode_bytes_per_token(model, context)
+        if mode in ("q8_0", "q4_k_m"):
+            figures = llamacpp_side(model, mode, args.work, prompt, args.new_tokens, args.repeats)
+            per_token = figures["weight_bytes"] + 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * context * 2
+            mode = f"{mode.upper()} (llama.cpp)"
+        else:
+            quantize_llm(model, mode=mode)
+            figures = hilight_side(model, prompt, args.new_tokens, args.repeats)
+            per_token = decode_bytes_per_token(model, context)
         results[f"hilight {mode}"] = {**figures, "quantize_and_run_s": time.perf_counter() - start,
                                       "decode_bytes_per_token": per_token,
                                       "decode_bound_tokens_per_s": bandwidth * 1e9 / per_token,

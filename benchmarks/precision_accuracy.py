@@ -1,7 +1,8 @@
 """Does a faster number format change the answers? The bundled model's held-out accuracy in
-fp32, bf16 and bf16 with weight-only int8 or int4 LLM layers (``--quantize int8``, ``int4``), side by side.
+fp32, bf16 and bf16 with weight-only int8 or int4 LLM layers (``--quantize int8``, ``int4``) or the LLM in
+llama.cpp (``--quantize q8_0``, ``q4_k_m``), side by side.
 
-The rule (README, Performance): bf16, int8 and int4 may move the evaluation accuracy by at most one
+The rule (README, Performance): bf16, int8, int4, Q8_0 and Q4_K_M may move the evaluation accuracy by at most one
 point from fp32. Besides accuracy this counts how many answers are word for word the fp32 ones,
 and times each evaluation (greedy, no blind pass).
 
@@ -22,7 +23,8 @@ from hilight.evaluation.qa import load_items, report, run
 from hilight.inference.engine import Engine, GenerationSettings
 
 VARIANTS = (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("bf16 packed", torch.bfloat16, "packed"),
-            ("bf16 + int8 LLM", torch.bfloat16, "int8"), ("bf16 + int4 LLM", torch.bfloat16, "int4"))
+            ("bf16 + int8 LLM", torch.bfloat16, "int8"), ("bf16 + int4 LLM", torch.bfloat16, "int4"),
+            ("bf16 + Q8_0 llama.cpp", torch.bfloat16, "q8_0"), ("bf16 + Q4_K_M llama.cpp", torch.bfloat16, "q4_k_m"))
 GROUPS = ("single_video", "two_video", "overall")
 
 
@@ -57,14 +59,14 @@ def main() -> None:
         results[label]["eval_seconds"] = round(seconds, 1)
 
     reference = chosen[0][0]
-    lines = [f"{'':18}{'single-video':>14}{'two-video':>11}{'overall':>9}{'vs ' + reference:>10}{'same answer':>13}{'eval s':>8}"]
+    lines = [f"{'':24}{'single-video':>14}{'two-video':>11}{'overall':>9}{'vs ' + reference:>10}{'same answer':>13}{'eval s':>8}"]
     for label, r in results.items():
         delta = 100 * (r["overall"]["accuracy"] - results[reference]["overall"]["accuracy"])
         same = sum(a == b for a, b in zip(answers[label], answers[reference], strict=True)) / len(answers[label])
         r[f"overall_points_vs_{reference}"] = round(delta, 2)
         r[f"same_answer_as_{reference}"] = same
         cells = [f"{r[g]['accuracy']:.1%}" if g in r else "-" for g in GROUPS]
-        lines.append(f"{label:18}{cells[0]:>14}{cells[1]:>11}{cells[2]:>9}{delta:>+9.2f}p{same:>13.1%}"
+        lines.append(f"{label:24}{cells[0]:>14}{cells[1]:>11}{cells[2]:>9}{delta:>+9.2f}p{same:>13.1%}"
                      f"{r['eval_seconds']:>8.0f}")
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)

