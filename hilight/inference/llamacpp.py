@@ -21,12 +21,14 @@ trained with it); docs/performance.md gives the accuracy measured on the bundled
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -176,24 +178,28 @@ def export(model, tokenizer, fmt: str, key: str, directory: Path | None = None) 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown llama.cpp format {fmt!r} ({', '.join(FORMATS)})")
     directory = directory or cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     out = directory / f"{key}-{fmt}.gguf"
     if out.is_file():
         return out
     source = directory / f"{key}-{os.getpid()}-source.gguf.part"
     part = directory / f"{key}-{fmt}-{os.getpid()}.gguf.part"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         log.info("writing the LLM as GGUF (%s), once for this checkpoint: %s", fmt, out)
         write_gguf(model, tokenizer, source)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, _FTYPES[fmt])
         params.nthread = torch.get_num_threads()
         if llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), params) != 0:
-            raise ConfigError(f"llama.cpp could not quantize the LLM to {fmt}")
+            raise ConfigError(f"llama.cpp could not quantize the LLM to {fmt} (in {directory}: is the disk full?)")
         part.replace(out)  # whole or absent: a crash leaves only .part files
+    except OSError as e:
+        raise ConfigError(f"cannot write the LLM's GGUF file in {directory} ({e.strerror or e}); "
+                          f"set HILIGHT_CACHE to a writable folder") from e
     finally:
-        source.unlink(missing_ok=True)
-        part.unlink(missing_ok=True)
+        for leftover in (source, part):
+            with contextlib.suppress(OSError):  # absent, or the folder never was
+                leftover.unlink()
     return out
 
 
@@ -221,7 +227,9 @@ class LlamaCppLLM:
     One context at a time, sized for what a call needs (recreated when a call needs more
     sequences or positions). A one-row call keeps its KV cache: the next one-row call runs only
     the positions after the longest prefix whose input rows match (a follow-up turn of a
-    conversation, or the same video asked again)."""
+    conversation, or the same video asked again). Calls from several threads take turns (a
+    llama.cpp context runs one batch at a time); the server's batcher puts concurrent requests
+    into one call."""
 
     def __init__(self, path: str | Path, embed_tokens: torch.nn.Module, context: int, threads: int | None = None):
         llama_cpp = _llama_cpp()
@@ -246,6 +254,7 @@ class LlamaCppLLM:
         self.held: list[bytes] = []  # digests of the input rows in sequence 0's cache
         self.batch = llama_cpp.llama_batch_init(BATCH, self.width, 1)
         self.reused = 0  # positions the last call took from the cache
+        self.lock = threading.RLock()
 
     def close(self) -> None:
         if self.ctx:
@@ -303,9 +312,12 @@ class LlamaCppLLM:
     def _rows(self, embeds: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray((embeds.float() / self.scale).cpu().numpy())
 
-    def _logits(self, index: int) -> torch.Tensor:
+    def _logits(self, index: int, copy: bool = True) -> torch.Tensor:
+        """The logits of the last batch's ``index``-th output row; without ``copy``, a view that
+        the next llama_decode overwrites."""
         pointer = self.lib.llama_get_logits_ith(self.ctx, index)
-        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.vocab,)).copy())
+        view = np.ctypeslib.as_array(pointer, shape=(self.vocab,))
+        return torch.from_numpy(view.copy() if copy else view)
 
     def _prefill(self, rows: np.ndarray, seq: int, start: int, every: bool = False) -> list[torch.Tensor]:
         """Run ``rows`` from position ``start`` of sequence ``seq``: the last row's logits, or
@@ -335,13 +347,17 @@ class LlamaCppLLM:
         self.held = digests[:held]
         return held
 
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        """New token ids [B, <= max_new_tokens] for left-padded prompt embeddings [B, L, D], as
+        transformers' ``generate`` returns them (finished rows padded with ``pad_token_id``)."""
+        with self.lock:
+            return self._generate(*args, **kwargs)
+
     @torch.inference_mode()
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+    def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  do_sample: bool, num_beams: int, eos_token_id: Sequence[int], pad_token_id: int,
                  streamer=None, stopping_criteria=None, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, **_) -> torch.Tensor:
-        """New token ids [B, <= max_new_tokens] for left-padded prompt embeddings [B, L, D], as
-        transformers' ``generate`` returns them (finished rows padded with ``pad_token_id``)."""
         if num_beams != 1:
             raise ConfigError("beam search is not available with the llama.cpp formats (q4_k_m, q8_0)")
         prompts = [self._rows(e[m.bool()]) for e, m in zip(inputs_embeds, attention_mask, strict=True)]
@@ -372,8 +388,9 @@ class LlamaCppLLM:
         finished = [False] * len(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         stops = set(eos_token_id)
+        blank = torch.zeros(self.vocab)
         for step in range(max_new_tokens):
-            logits = torch.stack(scores)  # [B, V]
+            logits = scores[0][None] if one else torch.stack(scores)  # [B, V]
             so_far = torch.tensor([row for row in out], dtype=torch.long).view(len(out), step)
             if do_sample:
                 probs = torch.softmax(warp(so_far, logits), dim=-1)
@@ -396,9 +413,8 @@ class LlamaCppLLM:
             self._decode(rows, active, [lengths[i] + step for i in active], [True] * len(active))
             if one:
                 self.held.append(hashlib.blake2b(rows[0].tobytes(), digest_size=16).digest())
-            scores = list(scores)
-            for j, i in enumerate(active):
-                scores[i] = self._logits(j)
+            fresh = {i: self._logits(j, copy=False) for j, i in enumerate(active)}  # read before the next decode
+            scores = [fresh.get(i, blank) for i in range(len(prompts))]  # finished rows: pad comes anyway
         if streamer is not None:
             streamer.end()
         return torch.tensor(out, dtype=torch.long)
@@ -407,6 +423,10 @@ class LlamaCppLLM:
     def logits(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """Logits [L - start, V] of positions ``start`` .. L-1 of one prompt's embeddings [L, D]
         (the positions before ``start`` come from the cache where they match)."""
+        with self.lock:
+            return self._all_logits(embeds, start)
+
+    def _all_logits(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
         rows = self._rows(embeds)
         self._context(1, max(self.context, len(rows)))
         held = min(self._resume(rows), start)

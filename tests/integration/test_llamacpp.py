@@ -48,14 +48,15 @@ def test_unquantized_gguf_computes_what_the_torch_llm_computes(tmp_path):
     write_gguf(model, tokenizer, tmp_path / "llm.gguf")
     runner = LlamaCppLLM(tmp_path / "llm.gguf", model.llm.get_input_embeddings(), 1024)
     torch.manual_seed(0)
-    embeds = model.embed(torch.randint(6, 600, (1, 60)), None)  # [1, 60, D]
-    embeds[:, 10:42] = torch.randn(1, 32, embeds.shape[-1]) * 2  # rows as TokenMining's would be
+    # 600 positions: llama.cpp runs them in two batches
+    embeds = model.embed(torch.randint(6, 600, (1, 600)), None)  # [1, 600, D]
+    embeds[:, 10:74] = torch.randn(1, 64, embeds.shape[-1]) * 2  # rows as TokenMining's would be
     with torch.inference_mode():
         expected = model.llm(inputs_embeds=embeds).logits[0]
     got = runner.logits(embeds[0], 0)
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    mask = torch.ones(1, 60, dtype=torch.long)
+    mask = torch.ones(1, 600, dtype=torch.long)
     with torch.inference_mode():
         reference = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=16, do_sample=False,
                                        eos_token_id=[1], pad_token_id=0)
@@ -148,3 +149,12 @@ def test_beam_search_is_refused_and_the_gguf_is_written_once(engines):
     stamps = [f.stat().st_mtime_ns for f in files]
     Engine.from_checkpoint(BUNDLED, quantize="q8_0")
     assert [f.stat().st_mtime_ns for f in files] == stamps and len(files) == 2  # q4_k_m and q8_0, nothing else
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("HILIGHT_CACHE", str(blocker))
+    with pytest.raises(ConfigError, match="HILIGHT_CACHE"):
+        Engine.from_checkpoint(BUNDLED, quantize="q8_0")
+    assert blocker.read_text() == "not a folder"
