@@ -102,6 +102,7 @@ def llamacpp_side(model, fmt: str, work: Path, prompt: list[int], new_tokens: in
     runner = LlamaCppLLM(path, model.llm.get_input_embeddings(), len(prompt) + new_tokens)
     model.llm.model.layers = torch.nn.ModuleList()  # llama.cpp holds the decoder: free torch's copy
     gc.collect()
+    reset_peak_rss()  # from here: what a running HiLight holds (towers, embedding, llama.cpp's weights)
     embeds = model.embed(torch.tensor([prompt]), None)
     mask = torch.ones(1, len(prompt), dtype=torch.long)
     prefill, decode = [], []
@@ -116,7 +117,8 @@ def llamacpp_side(model, fmt: str, work: Path, prompt: list[int], new_tokens: in
     weights = tensor_bytes(path)
     runner.close()
     return {"prefill_s": prefill_s, "prefill_tokens_per_s": len(prompt) / prefill_s,
-            "decode_tokens_per_s": statistics.median(decode[1:]), "weight_bytes": weights, "gguf": path.name}
+            "decode_tokens_per_s": statistics.median(decode[1:]), "weight_bytes": weights, "gguf": path.name,
+            "peak_rss_running_gb": peak_rss_gb()}
 
 
 def tensor_bytes(path: Path) -> int:

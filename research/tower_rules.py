@@ -6,7 +6,8 @@ linear classifier per patch token (trained here on the training clips' cached to
 the frame-facts task of alignment: which object's centre the patch holds, or none) gives each
 frame's balls (present where the best patch says so) and their positions (that patch's centre),
 and the rules of ``oracle_rules.py`` answer the test questions from them. With the wrong
-ball-frames counted per colour, as misses and as false sightings. Near ``perceived_rules``: TokenMining
+ball-frames counted per colour, as misses and as false sightings, per cloth, and per distance
+to the nearest pocket (the pockets are drawn near-black, the black ball just lighter). Near ``perceived_rules``: TokenMining
 keeps what the tower sees; both far below ``oracle_rules``: the tower is the limit.
 
     .venv/bin/python research/tower_rules.py --run runs/recipe
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from hilight.checkpoint import load_checkpoint
 from hilight.data import FeatureCache, tower_identity
 from hilight.recipes.billiards_small.facts import frame_facts
+from hilight.synth.billiards import TableConfig, pocket_centres
 
 
 def patch_rows(cache: FeatureCache, data: Path, split: str, names: list[str], model, limit: int = 0):
@@ -48,6 +50,28 @@ def best_patches(logits: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.T
     [T, C, 2] (fractions of the frame), from patch logits [T, L, C + 1]."""
     best, where = (logits[..., 1:] - logits[..., :1]).max(1)  # [T, C]
     return best, torch.stack([(where % grid).float(), (where // grid).float()], -1).add(0.5).div(grid)
+
+
+NEAR = (0.04, 0.08, 0.16)  # edges of the distance bands to the nearest pocket, fractions of the frame
+
+
+def pocket_xy() -> torch.Tensor:
+    """[6, 2] pocket centres as fractions of the frame, for a camera without its per-clip jitter
+    (up to 2.5 % of the frame; ``hilight.synth.billiards.random_camera``)."""
+    table = TableConfig()
+    scale = 0.84 / table.length  # the table's length spans 84 % of the frame
+    offset = torch.tensor([(1 - 0.84) / 2, (1 - table.width * scale) / 2])
+    return offset + torch.tensor(pocket_centres(table), dtype=torch.float32) * scale
+
+
+def band(distance: torch.Tensor) -> torch.Tensor:
+    """The band index (0 = nearest) of each distance."""
+    return torch.bucketize(distance, torch.tensor(NEAR))
+
+
+def band_names() -> list[str]:
+    edges = [0.0, *NEAR]
+    return [f"{a:.2f}-{b:.2f}" for a, b in zip(edges[:-1], NEAR, strict=True)] + [f">{NEAR[-1]:.2f}"]
 
 
 def thresholds(margins: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -93,6 +117,8 @@ def main() -> None:
     answers, presence, last_frame, errors = {}, [], [], collections.Counter()
     cloths = {name: t["cloth"] for name, t in json.loads((data / "test-truth.json").read_text()).items()}
     on_cloth = collections.defaultdict(lambda: [0, 0])  # "maroon on burgundy": [missed, present] ball-frames
+    near_pocket = collections.defaultdict(lambda: [0, 0])  # ("black", band): [missed, present] ball-frames
+    pockets = pocket_xy()
     with torch.no_grad():
         for clip, states, facts in patch_rows(cache, data, "test", names, aligned):
             best, xy = best_patches(head(states), grid)
@@ -106,19 +132,33 @@ def main() -> None:
                 tally = on_cloth[f"{name} on {cloths[clip['video']]}"]
                 tally[0] += int(((truth[:, k] == 1) & (seen[:, k] == 0)).sum())
                 tally[1] += int((truth[:, k] == 1).sum())
+            distance = (facts["xy"][:, :, None] - pockets).norm(dim=-1).min(-1).values  # [T, C]
+            for k, name in enumerate(names):
+                on = truth[:, k] == 1
+                for b, miss in zip(band(distance[on, k]).tolist(), (seen[on, k] == 0).tolist(), strict=True):
+                    for who in (name, "all"):
+                        near_pocket[who, b][0] += miss
+                        near_pocket[who, b][1] += 1
             answers[clip["video"]] = rule_answers(names, seen, xy)
     scored, overall = score(answers, json.loads((data / "test.json").read_text()))
     result = {"single_video": overall, "per_type": {t: v["accuracy"] for t, v in scored.items()},
               "presence_per_ball_and_frame": sum(presence) / len(presence),
               "last_frame_all_right": sum(last_frame) / len(last_frame), "errors": dict(errors.most_common()),
               "missed_by_cloth": {k: {"missed": m, "present": n, "rate": round(m / n, 3)}
-                                  for k, (m, n) in sorted(on_cloth.items()) if n}}
+                                  for k, (m, n) in sorted(on_cloth.items()) if n},
+              "missed_by_pocket_distance": {f"{who} at {band_names()[b]}": {"missed": m, "present": n,
+                                                                          "rate": round(m / n, 3)}
+                                            for (who, b), (m, n) in sorted(near_pocket.items()) if n}}
     print(f"rules on the video tower's linear read-out: single-video questions {overall:.1%}; presence per ball and "
           f"frame {result['presence_per_ball_and_frame']:.1%}, last frame all right {result['last_frame_all_right']:.1%}")
     print("  ".join(f"{t} {a:.1%}" for t, a in result["per_type"].items()))
     print("errors (ball-frames): " + ", ".join(f"{k} {v}" for k, v in errors.most_common(12)))
     worst = sorted(result["missed_by_cloth"].items(), key=lambda kv: -kv[1]["rate"])[:8]
     print("missed most, per colour and cloth: " + ", ".join(f"{k} {v['rate']:.0%} of {v['present']}" for k, v in worst))
+    print("missed, by distance to the nearest pocket (fractions of the frame): " + "; ".join(
+        f"{who} " + ", ".join(f"{band_names()[b]} {near_pocket[who, b][0] / near_pocket[who, b][1]:.0%} of "
+                              f"{near_pocket[who, b][1]}" for b in range(len(NEAR) + 1) if near_pocket[who, b][1])
+        for who in ("black", "all")))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -8,7 +8,7 @@ model's own frames). Several processes (``accelerate launch --num_processes N -m
 each load the model on their own device and answer their share, as lmms-eval shards.
 
 ``--model_args``: ``pretrained`` (a checkpoint or a known name; default the bundled model),
-``dtype`` (auto, fp32, bf16, fp16), ``quantize`` (auto, none, int8, int4, packed; CPU), ``num_frames``,
+``dtype`` (auto, fp32, bf16, fp16), ``quantize`` (auto, none, int8, int4, packed, q4_k_m, q8_0; CPU), ``num_frames``,
 ``fps``, ``max_frames``, ``max_new_tokens`` (when a task gives none; default 128).
 
 Visuals: paths of video or image files (what lmms-eval's video tasks give), or PIL images
