@@ -40,6 +40,7 @@ RETIRED_V1 = {("trainable",): None, ("towers",): "both", ("token_mining", "token
 CONFIG_FILE = "config.json"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
+LLM_LAYERS = "llm.model.layers."  # the decoder layers' names in a checkpoint
 TIED_KEY = "llm.lm_head.weight"
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "billiards-small"
 MODEL_NAMES = {"billiards-small": BUNDLED_MODEL}  # models known by name (``--model billiards-small``)
@@ -134,8 +135,10 @@ def weight_files(path: str | Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
 
 
-def load_weights(path: str | Path, dtype: torch.dtype | None = None, mapped: bool = True) -> dict[str, torch.Tensor]:
-    """Every stored tensor, floating-point ones converted to ``dtype`` if given. ``mapped``: the
+def load_weights(path: str | Path, dtype: torch.dtype | None = None, mapped: bool = True,
+                 skip: str | None = None) -> dict[str, torch.Tensor]:
+    """Every stored tensor (but those whose names start with ``skip``, never read), floating-point
+    ones converted to ``dtype`` if given. ``mapped``: the
     tensors are views of the files' memory maps (nothing copied; once read, the pages count
     towards the process's resident memory until the last view is gone). ``mapped=False``: each
     tensor is copied into the process's own memory as it is read and its map released at once,
@@ -146,11 +149,11 @@ def load_weights(path: str | Path, dtype: torch.dtype | None = None, mapped: boo
     for file in weight_files(path):
         if not file.is_file():
             raise CheckpointError(f"{file}: shard listed in the index is missing")
-        if mapped and dtype is None:
+        if mapped and dtype is None and skip is None:
             state.update(load_file(file))
             continue
         with safe_open(file, framework="pt") as f:
-            names = list(f.keys())
+            names = [name for name in f.keys() if skip is None or not name.startswith(skip)]
             if mapped:
                 state.update((name, _converted(f.get_tensor(name), dtype, copy=False)) for name in names)
                 continue
@@ -222,17 +225,20 @@ def tie_llm_embeddings(model: HiLight) -> None:
 
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_tokenizer: bool = True,
-    mapped: bool = True,
+    mapped: bool = True, llm_layers: bool = True,
 ):
     """Load ``(model, tokenizer)`` from a HiLight checkpoint directory (tokenizer is None when
     ``with_tokenizer`` is false). The model is in eval mode; which parameters train is the
     caller's choice (:meth:`HiLight.set_trainable`), never the checkpoint's.
-    ``mapped``: as :func:`load_weights`."""
+    ``mapped``: as :func:`load_weights`. ``llm_layers=False``: the LLM's decoder layers are
+    neither built nor read (for an LLM that runs elsewhere: hilight.inference.llamacpp)."""
     path = Path(path)
     meta = read_meta(path)
     config = from_dict(HiLightConfig, meta["config"])
     model = build_empty(config)
-    state = load_weights(path, dtype, mapped)
+    if not llm_layers:
+        model.llm.model.layers = torch.nn.ModuleList()
+    state = load_weights(path, dtype, mapped, skip=None if llm_layers else LLM_LAYERS)
     load_state_strict(model, state, tied=tied_keys(config), where=str(path))
     tie_llm_embeddings(model)
     model.to(device).eval()

@@ -203,16 +203,35 @@ def export(model, tokenizer, fmt: str, key: str, directory: Path | None = None) 
     return out
 
 
-def attach(model, tokenizer, fmt: str, checkpoint: str | Path) -> None:
-    """Run ``model``'s LLM in llama.cpp from now on: its GGUF file in ``fmt`` is written (once per
-    checkpoint) and loaded, and the torch decoder layers are freed; the token embedding stays,
-    HiLight builds the prompt's rows with it."""
+def cached(checkpoint: str | Path, fmt: str, dtype: torch.dtype | None) -> Path | None:
+    """The GGUF file of this checkpoint's LLM in ``fmt`` if it was written already (checks that
+    llama.cpp is installed first: the hint comes before a long load)."""
+    from hilight.checkpoint import read_config, weight_files
+    from hilight.config import to_dict
+
+    require()
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown llama.cpp format {fmt!r} ({', '.join(FORMATS)})")
+    key = checkpoint_key(weight_files(checkpoint), to_dict(read_config(checkpoint)), dtype)
+    path = cache_dir() / f"{key}-{fmt}.gguf"
+    return path if path.is_file() else None
+
+
+def attach(model, tokenizer, fmt: str, checkpoint: str | Path, dtype: torch.dtype | None) -> None:
+    """Run ``model``'s LLM in llama.cpp from now on: its GGUF file in ``fmt`` (written from the
+    model's decoder layers once per checkpoint and ``dtype``, the one it was loaded in) is loaded,
+    and the torch decoder layers are freed; the token embedding stays, HiLight builds the prompt's
+    rows with it."""
     from hilight.checkpoint import weight_files
     from hilight.config import to_dict
 
     llm = model.llm
-    key = checkpoint_key(weight_files(checkpoint), to_dict(model.config), next(llm.parameters()).dtype)
-    path = export(model, tokenizer, fmt, key)
+    path = cached(checkpoint, fmt, dtype)
+    if path is None:
+        if not len(llm.model.layers):
+            raise ConfigError(f"the GGUF file of {checkpoint} in {fmt} is gone: load the model with its LLM layers")
+        key = checkpoint_key(weight_files(checkpoint), to_dict(model.config), dtype)
+        path = export(model, tokenizer, fmt, key)
     model.llamacpp = LlamaCppLLM(path, llm.get_input_embeddings(), model.config.llm.max_position_embeddings)
     llm.model.layers = torch.nn.ModuleList()  # llama.cpp holds the decoder now
 

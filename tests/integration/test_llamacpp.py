@@ -140,15 +140,26 @@ def test_loglikelihood_prefers_the_greedy_answer(engines):
     assert abs(own - reference) < 0.5
 
 
-def test_beam_search_is_refused_and_the_gguf_is_written_once(engines):
+def test_beam_search_is_refused_and_the_gguf_is_written_once(engines, monkeypatch):
+    import hilight.checkpoint
+
     engine = engines["q8_0"]
     with pytest.raises(ConfigError, match="beam search"):
         engine.answer([Message("user", "<video>\nWas the cue ball pocketed?")], [EXAMPLES / "test-00000.mp4"],
                       GenerationSettings(max_new_tokens=8, num_beams=2))
     files = sorted(Path(p) for p in Path(engine.model.llamacpp.path).parent.glob("*.gguf"))
     stamps = [f.stat().st_mtime_ns for f in files]
-    Engine.from_checkpoint(BUNDLED, quantize="q8_0")
+    read = []
+    load_weights = hilight.checkpoint.load_weights
+    monkeypatch.setattr(hilight.checkpoint, "load_weights", lambda *a, **k: read.append(load_weights(*a, **k)) or read[-1])
+    again = Engine.from_checkpoint(BUNDLED, quantize="q8_0")
     assert [f.stat().st_mtime_ns for f in files] == stamps and len(files) == 2  # q4_k_m and q8_0, nothing else
+    # the file was there: the LLM's decoder layers were not even read
+    assert read and not any(name.startswith("llm.model.layers.") for name in read[0])
+    assert "llm.model.embed_tokens.weight" in read[0] and not len(again.model.llm.model.layers)
+    messages = [Message("user", "<video>\nWas the cue ball pocketed?")]
+    assert again.answer(messages, [EXAMPLES / "test-00000.mp4"], SETTINGS) == engine.answer(
+        messages, [EXAMPLES / "test-00000.mp4"], SETTINGS)
 
 
 def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
