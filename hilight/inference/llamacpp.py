@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,7 +114,7 @@ def _vocabulary(tokenizer, size: int) -> list[str]:
     return out
 
 
-def write_gguf(model, tokenizer, path: str | Path) -> None:
+def write_gguf(model, tokenizer, path: str | Path, progress: bool = False) -> None:
     """Write HiLight's LLM (a transformers Gemma) as a GGUF file, weights as they are: bf16 for a
     bf16 model, f32 otherwise (norms always f32)."""
     gguf = _gguf()
@@ -168,7 +169,7 @@ def write_gguf(model, tokenizer, path: str | Path) -> None:
     norm("output_norm.weight", llm.norm.weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_tensors_to_file(progress=progress)  # a tqdm bar: hilight-2b takes about a minute
     writer.close()
 
 
@@ -185,8 +186,9 @@ def export(model, tokenizer, fmt: str, key: str, directory: Path | None = None) 
     part = directory / f"{key}-{fmt}-{os.getpid()}.gguf.part"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        log.info("writing the LLM as GGUF (%s), once for this checkpoint: %s", fmt, out)
-        write_gguf(model, tokenizer, source)
+        print(f"hilight: writing the LLM as GGUF for llama.cpp ({fmt}), once for this checkpoint: {out}",
+              file=sys.stderr, flush=True)
+        write_gguf(model, tokenizer, source, progress=True)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, _FTYPES[fmt])
         params.nthread = torch.get_num_threads()
