@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,10 @@ def _make_all(make, jobs: list, desc: str, workers: int, chunksize: int) -> list
     """``make`` on every job, in order, in ``workers`` processes (one: in this one), with a bar."""
     bar = dict(total=len(jobs), desc=desc, unit="clip")
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # workers start from a fresh server process, not a fork of this one: a fork copies the
+        # locks of this process's threads (PyAV's, torch's) as they are, and a child that then
+        # frees a video reformatter waited forever on one (seen in the test suite)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             return list(tqdm(pool.map(make, jobs, chunksize=chunksize), **bar))
     return [make(job) for job in tqdm(jobs, **bar)]
 
