@@ -43,7 +43,7 @@ if ! "$VENV/bin/python" -c "import lmms_eval.api.model" >/dev/null 2>&1; then
     pytablewriter python-dotenv "filelock>=3.10,<4"
 fi
 if ! "$VENV/bin/python" -c "import llama_cpp, gguf" >/dev/null 2>&1; then
-  # the hilight[llamacpp] extra: llama-cpp-python builds llama.cpp from source (~10 min on 2 cores);
+  # the hilight[llamacpp] extra: llama-cpp-python builds llama.cpp from source (~4 min on 2 cores);
   # its multimodal library (llava/mtmd) is not used, HiLight hands llama.cpp embeddings
   echo "building llama-cpp-python (llama.cpp for this CPU) ..."
   CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
