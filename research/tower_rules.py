@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from hilight.checkpoint import load_checkpoint
 from hilight.data import FeatureCache, tower_identity
 from hilight.recipes.billiards_small.facts import frame_facts
 from hilight.synth.billiards import TableConfig, pocket_centres
+from hilight.video import load_video
 
 
 def patch_rows(cache: FeatureCache, data: Path, split: str, names: list[str], model, limit: int = 0):
@@ -42,6 +44,24 @@ def patch_rows(cache: FeatureCache, data: Path, split: str, names: list[str], mo
         video = cache.load_tensors(data / "videos" / clip["video"])["video"][m:].float()
         states = F.layer_norm(video, video.shape[-1:]).view(cfg.video.num_frames, grid * grid, -1)
         rows.append((clip, states, frame_facts(clip["tracks"], names, cfg.video, grid)))
+    return rows
+
+
+def pixel_rows(frames: Path, data: Path, split: str, names: list[str], model, limit: int = 0):
+    """As :func:`patch_rows`, with each patch's own normalised pixels [T, L, 3 * P * P] in place of
+    the tower's states: what a read-out gets from the frames before any tower (frames from the
+    alignment's frames cache where it holds them, else decoded)."""
+    cfg = model.config
+    p = cfg.video_tower.patch_size
+    grid = cfg.video_tower.image_size // p
+    cache = FeatureCache(frames, json.dumps(asdict(cfg.video), sort_keys=True))
+    clips = json.loads((data / f"{split}-captions.json").read_text())[: limit or None]
+    rows = []
+    for clip in tqdm(clips, desc=f"{split} pixels", leave=False):
+        video = data / "videos" / clip["video"]
+        x = cache.load_tensors(video)["frames"].float() if cache.has(video) else load_video(video, cfg.video)
+        x = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5)  # [T, grid, grid, 3, P, P]
+        rows.append((clip, x.reshape(len(x), grid * grid, -1), frame_facts(clip["tracks"], names, cfg.video, grid)))
     return rows
 
 
@@ -89,6 +109,9 @@ def main() -> None:
     parser.add_argument("--features", type=Path, help="its feature cache (default: the run's features/)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-clips", type=int, default=0, help="use only the first N training clips (0: all)")
+    parser.add_argument("--pixels", action="store_true",
+                        help="read out each patch's raw pixels with a 2-layer per-patch MLP instead of the tower's states "
+                             "with a linear map (what the frames hold, before any tower)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -97,10 +120,18 @@ def main() -> None:
     data = args.run / "data"
     names = sorted({n for c in json.loads((data / "train-captions.json").read_text()) for n in c["tracks"]["names"]})
     grid = aligned.config.video_tower.image_size // aligned.config.video_tower.patch_size
-    train = patch_rows(cache, data, "train", names, aligned, args.train_clips)
+    if args.pixels:
+        def rows(split: str, limit: int = 0):
+            return pixel_rows(args.run / "frames", data, split, names, aligned, limit)
+    else:
+        def rows(split: str, limit: int = 0):
+            return patch_rows(cache, data, split, names, aligned, limit)
+    train = rows("train", args.train_clips)
     x = torch.cat([s.flatten(0, 1) for _, s, _ in train])  # [N, D]
     y = torch.cat([f["patch"].flatten() for _, _, f in train])  # [N]
     head = torch.nn.Linear(x.shape[1], len(names) + 1)
+    if args.pixels:  # where a ball sits within its patch varies: a linear map of pixels cannot find it
+        head = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), head.__class__(256, len(names) + 1))
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
     weight = torch.ones(len(names) + 1)
     weight[0] = 0.1  # as in alignment: most patches show only cloth
@@ -120,7 +151,7 @@ def main() -> None:
     near_pocket = collections.defaultdict(lambda: [0, 0])  # ("black", band): [missed, present] ball-frames
     pockets = pocket_xy()
     with torch.no_grad():
-        for clip, states, facts in patch_rows(cache, data, "test", names, aligned):
+        for clip, states, facts in rows("test"):
             best, xy = best_patches(head(states), grid)
             seen = (best > cut).float()
             truth = facts["present"]
@@ -149,7 +180,8 @@ def main() -> None:
               "missed_by_pocket_distance": {f"{who} at {band_names()[b]}": {"missed": m, "present": n,
                                                                           "rate": round(m / n, 3)}
                                             for (who, b), (m, n) in sorted(near_pocket.items()) if n}}
-    print(f"rules on the video tower's linear read-out: single-video questions {overall:.1%}; presence per ball and "
+    source = "an MLP read-out of the pixels" if args.pixels else "the video tower's linear read-out"
+    print(f"rules on {source}: single-video questions {overall:.1%}; presence per ball and "
           f"frame {result['presence_per_ball_and_frame']:.1%}, last frame all right {result['last_frame_all_right']:.1%}")
     print("  ".join(f"{t} {a:.1%}" for t, a in result["per_type"].items()))
     print("errors (ball-frames): " + ", ".join(f"{k} {v}" for k, v in errors.most_common(12)))
