@@ -94,6 +94,16 @@ def band_names() -> list[str]:
     return [f"{a:.2f}-{b:.2f}" for a, b in zip(edges[:-1], NEAR, strict=True)] + [f">{NEAR[-1]:.2f}"]
 
 
+def auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``positive`` (the chance a present ball-frame
+    scores above an absent one; ties count half); None without both kinds."""
+    pos, neg = scores[positive], scores[~positive]
+    if not len(pos) or not len(neg):
+        return None
+    order = torch.cat([pos, neg]).argsort().argsort().float() + 1  # ranks, ties broken arbitrarily
+    return float((order[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
 def thresholds(margins: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Per object, the margin above which it counts as present that is right most often on the
     training frames (margins, present: [N, C])."""
@@ -150,6 +160,7 @@ def main() -> None:
     on_cloth = collections.defaultdict(lambda: [0, 0])  # "maroon on burgundy": [missed, present] ball-frames
     near_pocket = collections.defaultdict(lambda: [0, 0])  # ("black", band): [missed, present] ball-frames
     pockets = pocket_xy()
+    ranked = collections.defaultdict(lambda: ([], []))  # "black on green": (margins, present) per ball-frame
     with torch.no_grad():
         for clip, states, facts in rows("test"):
             best, xy = best_patches(head(states), grid)
@@ -163,6 +174,10 @@ def main() -> None:
                 tally = on_cloth[f"{name} on {cloths[clip['video']]}"]
                 tally[0] += int(((truth[:, k] == 1) & (seen[:, k] == 0)).sum())
                 tally[1] += int((truth[:, k] == 1).sum())
+            for k, name in enumerate(names):
+                for key in (name, f"{name} on {cloths[clip['video']]}"):
+                    ranked[key][0].append(best[:, k])
+                    ranked[key][1].append(truth[:, k] > 0)
             distance = (facts["xy"][:, :, None] - pockets).norm(dim=-1).min(-1).values  # [T, C]
             for k, name in enumerate(names):
                 on = truth[:, k] == 1
@@ -177,6 +192,7 @@ def main() -> None:
               "last_frame_all_right": sum(last_frame) / len(last_frame), "errors": dict(errors.most_common()),
               "missed_by_cloth": {k: {"missed": m, "present": n, "rate": round(m / n, 3)}
                                   for k, (m, n) in sorted(on_cloth.items()) if n},
+              "detection_auc": {key: auc(torch.cat(m), torch.cat(p)) for key, (m, p) in sorted(ranked.items())},
               "missed_by_pocket_distance": {f"{who} at {band_names()[b]}": {"missed": m, "present": n,
                                                                           "rate": round(m / n, 3)}
                                             for (who, b), (m, n) in sorted(near_pocket.items()) if n}}
@@ -191,6 +207,8 @@ def main() -> None:
         f"{who} " + ", ".join(f"{band_names()[b]} {near_pocket[who, b][0] / near_pocket[who, b][1]:.0%} of "
                               f"{near_pocket[who, b][1]}" for b in range(len(NEAR) + 1) if near_pocket[who, b][1])
         for who in ("black", "all")))
+    print("detection AUC per colour: " + ", ".join(f"{n} {result['detection_auc'][n]:.3f}" for n in names
+                                                    if result["detection_auc"].get(n) is not None))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
