@@ -28,13 +28,13 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from hilight.errors import ConfigError
@@ -114,7 +114,7 @@ def _vocabulary(tokenizer, size: int) -> list[str]:
     return out
 
 
-def write_gguf(model, tokenizer, path: str | Path, progress: bool = False) -> None:
+def write_gguf(model, tokenizer, path: str | Path) -> None:
     """Write HiLight's LLM (a transformers Gemma) as a GGUF file, weights as they are: bf16 for a
     bf16 model, f32 otherwise (norms always f32)."""
     gguf = _gguf()
@@ -169,7 +169,7 @@ def write_gguf(model, tokenizer, path: str | Path, progress: bool = False) -> No
     norm("output_norm.weight", llm.norm.weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=progress)  # a tqdm bar: hilight-2b takes about a minute
+    writer.write_tensors_to_file()
     writer.close()
 
 
@@ -186,14 +186,16 @@ def export(model, tokenizer, fmt: str, key: str, directory: Path | None = None) 
     part = directory / f"{key}-{fmt}-{os.getpid()}.gguf.part"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        print(f"hilight: writing the LLM as GGUF for llama.cpp ({fmt}), once for this checkpoint: {out}",
-              file=sys.stderr, flush=True)
-        write_gguf(model, tokenizer, source, progress=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, _FTYPES[fmt])
-        params.nthread = torch.get_num_threads()
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), params) != 0:
-            raise ConfigError(f"llama.cpp could not quantize the LLM to {fmt} (in {directory}: is the disk full?)")
+        log.info("writing the LLM as GGUF (%s) for llama.cpp, once for this checkpoint: %s", fmt, out)
+        with tqdm(total=2, desc=f"LLM to GGUF {fmt} (once per checkpoint)", unit="step") as bar:
+            write_gguf(model, tokenizer, source)
+            bar.update()
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, _FTYPES[fmt])
+            params.nthread = torch.get_num_threads()
+            if llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), params) != 0:
+                raise ConfigError(f"llama.cpp could not quantize the LLM to {fmt} (in {directory}: is the disk full?)")
+            bar.update()
         part.replace(out)  # whole or absent: a crash leaves only .part files
     except OSError as e:
         raise ConfigError(f"cannot write the LLM's GGUF file in {directory} ({e.strerror or e}); "
