@@ -442,11 +442,15 @@ class PromptCache:
         """How many leading positions of a prompt with ``keys`` the cache already holds: the
         common prefix, short of the last position (its logits start the reply). A prefix never
         ends inside a video: cached prompts hold whole videos, and replies hold only text."""
-        limit = min(len(self.keys), len(keys) - 1)
-        n = 0
-        while n < limit and self.keys[n] == keys[n]:
-            n += 1
-        return n
+        return common_prefix(self.keys, keys, len(keys) - 1)
+
+
+def common_prefix(held: Sequence, keys: Sequence, limit: int) -> int:
+    """How many leading items ``held`` and ``keys`` share, at most ``limit``."""
+    n, limit = 0, min(limit, len(held), len(keys))
+    while n < limit and held[n] == keys[n]:
+        n += 1
+    return n
 
 
 def position_keys(input_ids: Sequence[int], block_keys: Sequence[str], tokens_per_video: int) -> list[int | str]:

@@ -71,6 +71,11 @@ def _llama_cpp():
     return llama_cpp
 
 
+def _digest(row: np.ndarray) -> bytes:
+    """What identifies an input row in llama.cpp's cache: its bytes, hashed."""
+    return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+
+
 def require() -> None:
     """Raise the install hint now, before a long model load, where llama.cpp is missing."""
     _gguf()
@@ -354,21 +359,19 @@ class LlamaCppLLM:
             out += [self._logits(i) for i in range(n) if wanted[i]]
         return out
 
-    def _resume(self, rows: np.ndarray) -> int:
-        """Positions of sequence 0's cache that ``rows`` can keep; the rest is dropped."""
-        digests = [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows]
-        held = 0
-        for a, b in zip(self.held, digests, strict=False):
-            if a != b:
-                break
-            held += 1
-        held = min(held, len(rows) - 1)  # the last row is run again: its logits are needed
+    def _resume(self, rows: np.ndarray, limit: int) -> tuple[int, list[bytes]]:
+        """How many leading positions of sequence 0's cache ``rows`` can keep (at most ``limit``;
+        the rest is dropped), and every row's digest, to record once the rows have run."""
+        from hilight.inference.engine import common_prefix
+
+        digests = [_digest(r) for r in rows]
+        held = common_prefix(self.held, digests, limit)
         memory = self.lib.llama_get_memory(self.ctx)
         if not self.lib.llama_memory_seq_rm(memory, 0, held, -1):
             self.lib.llama_memory_clear(memory, True)
             held = 0
         self.held = digests[:held]
-        return held
+        return held, digests
 
     def generate(self, *args, **kwargs) -> torch.Tensor:
         """New token ids [B, <= max_new_tokens] for left-padded prompt embeddings [B, L, D], as
@@ -400,11 +403,12 @@ class LlamaCppLLM:
         self.reused = 0
         scores = []
         for seq, rows in enumerate(prompts):
-            start = self._resume(rows) if one else 0
-            self.reused = start if one else 0
+            # one row: the last one runs again, its logits start the reply
+            start, digests = self._resume(rows, len(rows) - 1) if one else (0, [])
+            self.reused = start
             scores.append(self._prefill(rows[start:], seq, start)[0])
             if one:
-                self.held += [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows[start:]]
+                self.held = digests
         if streamer is not None:
             streamer.put(torch.zeros(len(prompts), 0, dtype=torch.long))  # the prompt: skipped
         lengths = [len(p) for p in prompts]
@@ -435,7 +439,7 @@ class LlamaCppLLM:
             rows = self._rows(self.embed_tokens(torch.tensor([tokens[i] for i in active])))  # [A, D]
             self._decode(rows, active, [lengths[i] + step for i in active], [True] * len(active))
             if one:
-                self.held.append(hashlib.blake2b(rows[0].tobytes(), digest_size=16).digest())
+                self.held.append(_digest(rows[0]))
             fresh = {i: self._logits(j, copy=False) for j, i in enumerate(active)}  # read before the next decode
             scores = [fresh.get(i, blank) for i in range(len(prompts))]  # finished rows: pad comes anyway
         if streamer is not None:
@@ -452,10 +456,7 @@ class LlamaCppLLM:
     def _all_logits(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
         rows = self._rows(embeds)
         self._context(1, max(self.context, len(rows)))
-        held = min(self._resume(rows), start)
-        memory = self.lib.llama_get_memory(self.ctx)
-        self.lib.llama_memory_seq_rm(memory, 0, held, -1)
-        self.held = self.held[:held]
+        held, digests = self._resume(rows, start)
         out = self._prefill(rows[held:], 0, held, every=True)
-        self.held += [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows[held:]]
+        self.held = digests
         return torch.stack(out[start - held:])
