@@ -98,7 +98,8 @@ def llamacpp_side(model, fmt: str, work: Path, prompt: list[int], new_tokens: in
     from hilight.tokenizer import DEMO_CORPUS, train_tokenizer
 
     tokenizer = train_tokenizer(DEMO_CORPUS, vocab_size=300)  # token strings only: prompts are ids
-    path = export(model, tokenizer, fmt, f"random-{model.config.llm.hidden_size}", directory=work)
+    work.mkdir(parents=True, exist_ok=True)
+    path = export(model, tokenizer, fmt, work / f"random-{model.config.llm.hidden_size}-{fmt}.gguf")
     runner = LlamaCppLLM(path, model.llm.get_input_embeddings(), len(prompt) + new_tokens)
     model.llm.model.layers = torch.nn.ModuleList()  # llama.cpp holds the decoder: free torch's copy
     gc.collect()

@@ -205,9 +205,10 @@ class Engine:
         if quantize in llamacpp.FORMATS:
             if device != "cpu":
                 raise ConfigError(f"--quantize {quantize} runs the LLM in llama.cpp, on CPU only")
-            gguf = llamacpp.cached(path, quantize, dtype)  # once written, the decoder layers are not even read
-            model, tokenizer = load_checkpoint(path, dtype=dtype, device=device, mapped=False, llm_layers=gguf is None)
-            llamacpp.attach(model, tokenizer, quantize, path, dtype)
+            gguf = llamacpp.gguf_file(path, quantize, dtype)  # once written, the decoder layers are not even read
+            model, tokenizer = load_checkpoint(path, dtype=dtype, device=device, mapped=False,
+                                               llm_layers=not gguf.is_file())
+            llamacpp.attach(model, tokenizer, quantize, gguf)
             return cls(model, tokenizer)
         # unless plain layers are asked for, the weights may be packed or quantized (auto decides
         # once the model is built), so they are read into memory of our own tensor by tensor, not

@@ -178,17 +178,14 @@ def write_gguf(model, tokenizer, path: str | Path) -> None:
     writer.close()
 
 
-def export(model, tokenizer, fmt: str, key: str, directory: Path | None = None) -> Path:
-    """The GGUF file of this LLM in ``fmt`` (written and quantized once, then reused)."""
+def export(model, tokenizer, fmt: str, out: Path) -> Path:
+    """``out``, the GGUF file of this LLM in ``fmt`` (written and quantized once, then reused)."""
     llama_cpp = _llama_cpp()
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown llama.cpp format {fmt!r} ({', '.join(FORMATS)})")
-    directory = directory or cache_dir()
-    out = directory / f"{key}-{fmt}.gguf"
     if out.is_file():
         return out
-    source = directory / f"{key}-{os.getpid()}-source.gguf.part"
-    part = directory / f"{key}-{fmt}-{os.getpid()}.gguf.part"
+    directory = out.parent
+    source = out.with_name(f"{out.name}.{os.getpid()}.source.part")
+    part = out.with_name(f"{out.name}.{os.getpid()}.part")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         log.info("writing the LLM as GGUF (%s) for llama.cpp, once for this checkpoint: %s", fmt, out)
@@ -212,9 +209,9 @@ def export(model, tokenizer, fmt: str, key: str, directory: Path | None = None) 
     return out
 
 
-def cached(checkpoint: str | Path, fmt: str, dtype: torch.dtype | None) -> Path | None:
-    """The GGUF file of this checkpoint's LLM in ``fmt`` if it was written already (checks that
-    llama.cpp is installed first: the hint comes before a long load)."""
+def gguf_file(checkpoint: str | Path, fmt: str, dtype: torch.dtype | None) -> Path:
+    """Where the GGUF file of this checkpoint's LLM in ``fmt`` is kept (it may not exist yet).
+    Checks that llama.cpp is installed first: the hint comes before a long load."""
     from hilight.checkpoint import read_config, weight_files
     from hilight.config import to_dict
 
@@ -222,25 +219,18 @@ def cached(checkpoint: str | Path, fmt: str, dtype: torch.dtype | None) -> Path 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown llama.cpp format {fmt!r} ({', '.join(FORMATS)})")
     key = checkpoint_key(weight_files(checkpoint), to_dict(read_config(checkpoint)), dtype)
-    path = cache_dir() / f"{key}-{fmt}.gguf"
-    return path if path.is_file() else None
+    return cache_dir() / f"{key}-{fmt}.gguf"
 
 
-def attach(model, tokenizer, fmt: str, checkpoint: str | Path, dtype: torch.dtype | None) -> None:
-    """Run ``model``'s LLM in llama.cpp from now on: its GGUF file in ``fmt`` (written from the
-    model's decoder layers once per checkpoint and ``dtype``, the one it was loaded in) is loaded,
-    and the torch decoder layers are freed; the token embedding stays, HiLight builds the prompt's
-    rows with it."""
-    from hilight.checkpoint import weight_files
-    from hilight.config import to_dict
-
+def attach(model, tokenizer, fmt: str, path: Path) -> None:
+    """Run ``model``'s LLM in llama.cpp from now on, from the GGUF file ``path`` (written from the
+    model's decoder layers first where it does not exist); the torch decoder layers are freed,
+    the token embedding stays: HiLight builds the prompt's rows with it."""
     llm = model.llm
-    path = cached(checkpoint, fmt, dtype)
-    if path is None:
+    if not path.is_file():
         if not len(llm.model.layers):
-            raise ConfigError(f"the GGUF file of {checkpoint} in {fmt} is gone: load the model with its LLM layers")
-        key = checkpoint_key(weight_files(checkpoint), to_dict(model.config), dtype)
-        path = export(model, tokenizer, fmt, key)
+            raise ConfigError(f"{path} is gone: load the model with its LLM layers to write it again")
+        export(model, tokenizer, fmt, path)
     model.llamacpp = LlamaCppLLM(path, llm.get_input_embeddings(), model.config.llm.max_position_embeddings)
     llm.model.layers = torch.nn.ModuleList()  # llama.cpp holds the decoder now
 
