@@ -100,6 +100,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         if card.get("accuracy"):
             scores = ", ".join(f"{k} {v:.1%}" for k, v in card["accuracy"].items())
             print(f"  accuracy: {scores} ({card.get('measured_on', 'where: not stated')})")
+        if (card.get("recipe_seconds") or {}).get("total"):
+            print(f"  trained in {card['recipe_seconds']['total'] / 60:.0f} min by its recipe (each step's time: card.json)")
         if card.get("license"):
             print(f"  license: {card['license']}; source: {card.get('source', 'not stated')}")
     if "video" in info:

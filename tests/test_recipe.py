@@ -63,6 +63,12 @@ def test_recipe_end_to_end_at_a_toy_budget(tmp_path):
         round(report["single_video"]["accuracy"], 3)
     assert card["accuracy"]["long-clip questions (read in segments)"] == round(long_report["overall"]["accuracy"], 3)
     assert "long-clip first segment" in card["baselines"]
+    video = cfg.model.video
+    assert card["frames"] == {"num_frames": video.num_frames, "image_size": video.image_size, "sampling": video.sampling}
+    assert set(card["accuracy_per_type"]) == set(report["per_type"])
+    for name, row in card["accuracy_per_type"].items():
+        assert row["n"] == report["per_type"][name]["n"] and row["accuracy"] == round(report["per_type"][name]["accuracy"], 3)
+    assert card["recipe_seconds"]["total"] == json.loads((tmp_path / "run" / "recipe.json").read_text())["total_seconds"]
     assert 1 <= len(list((tmp_path / "examples").glob("*.mp4"))) <= 2  # the toy test split may hold one clip
     assert set(json.loads((tmp_path / "examples" / "truth.json").read_text())) == \
         {p.name for p in (tmp_path / "examples").glob("*.mp4")}

@@ -304,14 +304,22 @@ def model_card(report: dict, run: Path) -> dict:
         accuracy["long-clip questions (read in segments)"] = round(long["accuracy"], 3)
         baselines.update({f"long-clip {b.replace('_', ' ')}": round(long[b], 3)
                           for b in ("blind", "majority", "first_segment") if b in long})
+    per_type = {name: {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
+                       if k in ("n", "accuracy", "blind", "majority", "majority_answer")}
+                for name, row in sorted(report.get("per_type", {}).items())}
+    recipe = json.loads((run / "recipe.json").read_text()) if (run / "recipe.json").is_file() else {}
+    video = recipe.get("settings", {}).get("config", {}).get("model", {}).get("video", {})
     return {
         "name": "billiards-small",
         "summary": "HiLight's bundled demonstration model, trained from scratch by `hilight recipe billiards-small`",
         "domain": "top-down clips of HiLight's synthetic billiards table only; about any other video its answers "
                   "mean nothing",
         "questions": sorted(report.get("per_type", {})),
+        "frames": {k: video[k] for k in ("num_frames", "image_size", "sampling") if k in video},
         "accuracy": accuracy,
         "baselines": baselines,
+        "accuracy_per_type": per_type,
+        "recipe_seconds": {**recipe.get("seconds", {}), "total": recipe.get("total_seconds")},
         "measured_on": f"the recipe's held-out test split ({n:,} questions), greedy (eval-report.md; run {run.name})",
         "license": "Apache-2.0",
         "source": "trained by HiLight's own recipe on generated data; configs/recipes/billiards-small.yaml",
