@@ -26,8 +26,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
-
 from hilight.checkpoint import read_config
 from hilight.config import DataConfig, TrainableConfig, TrainConfig
 from hilight.data import read_records
@@ -36,8 +34,7 @@ from hilight.inference.engine import Engine, GenerationSettings
 from hilight.recipes.billiards_small.questions import inventory_records
 from hilight.recipes.billiards_small.recipe import checkpoint_every, load_recipe
 from hilight.recipes.billiards_small.text_facts import (
-    ball_cells,
-    fact_lines,
+    reading_records,
     reasoning_steps,
     text_facts_records,
     write_text_facts,
@@ -45,32 +42,6 @@ from hilight.recipes.billiards_small.text_facts import (
 from hilight.synth.dataset import TRACKS, generate_tracks
 from hilight.training.loop import latest_checkpoint
 from hilight.training.vlm import train
-
-
-def reading_records(clips: list[dict], video_cfg, per_clip: int, seed: int) -> list[dict]:
-    """Training-only questions that read one place of the fact lines, ``per_clip`` for each clip,
-    alternating: where a ball was in frame k (``In frame 3 the red ball was at e3.``), and a
-    ball's whole line repeated. What a pre-trained LLM brings and this one lacks (the research
-    log of 2026-12-07): fetching a token from a given place of a given line."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for clip in clips:
-        tracks = clip["tracks"]
-        facts = "\n".join(fact_lines(tracks, video_cfg))
-        cells = ball_cells(tracks, video_cfg)
-        for j in range(per_clip):
-            n = int(rng.integers(len(cells)))
-            ball = tracks["names"][n]
-            if j % 2 == 0:
-                k = int(rng.integers(len(cells[n])))
-                where = f"was at {cells[n][k]}" if cells[n][k] else "was off the table"
-                question, answer = f"Where was the {ball} ball in frame {k + 1}?", f"In frame {k + 1} the {ball} ball {where}."
-            else:
-                question, answer = f"Repeat the {ball} ball's line.", " ".join(c or "off" for c in cells[n]) + "."
-            out.append({"id": f"{clip['video']}-reading-{j}", "meta": {"types": ["reading"], "truth": [answer]},
-                        "conversations": [{"from": "human", "value": f"{facts}\n{question}"},
-                                          {"from": "gpt", "value": answer}]})
-    return out
 
 
 def main() -> None:

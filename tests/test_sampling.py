@@ -2,6 +2,7 @@
 their time spans marked, segment caching, the context check, still images, bad requests."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -413,6 +414,32 @@ def test_evaluation_reads_sampled_records_with_a_first_segment_baseline(setup, t
     alone = engine.plan(Clip(clip, Sampling(end=engine.plan(clip).index.times[max(first.indices)])))
     assert alone.segments[0].indices == first.indices  # the baseline sees exactly the first segment's frames
     assert "first segment only" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_evaluation_encodes_each_video_once_however_its_questions_sort(setup, tmp_path):
+    """Questions of three clips, each clip's of every length: the evaluation takes one clip's
+    questions together, so with room for two clips in the engine's cache each clip is decoded
+    and run through the towers once (in order of length alone: once a question)."""
+    from hilight.evaluation.qa import load_items, run
+
+    root, model_dir, clip, _ = setup
+    for k in (1, 2):
+        write_video(tmp_path / f"clip{k}.mp4", moving_balls_clip(12, 64, seed=k))
+    shutil.copy(clip, tmp_path / "clip0.mp4")
+    records = [{"id": f"c{k}-q{n}", "video": f"clip{k}.mp4",
+                "conversations": [{"from": "human", "value": "<video>\n" + "Which ball moved" + "?" * n},
+                                  {"from": "gpt", "value": "The red ball."}]} for n in range(4) for k in range(3)]
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps(records))
+    items, problems = load_items(data, tmp_path)
+    engine = Engine.from_checkpoint(model_dir)
+    engine.cache_size = 2
+    calls = TowerCalls(engine)
+    assert run(engine, items, GenerationSettings(4), batch_size=3, blind=False) == {} and not problems
+    assert len(calls.clips) == 3 and all(it.answer for it in items)
+    alone = engine.answer([_user(records[0]["conversations"][0]["value"])], [tmp_path / "clip0.mp4"],
+                          GenerationSettings(4))
+    assert items[0].answer == alone  # batched with other clips' questions, answered as alone
 
 
 def test_a_ten_hour_video_at_one_fps_is_refused_by_the_context_check(setup):

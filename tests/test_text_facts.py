@@ -8,6 +8,7 @@ from hilight.recipes.billiards_small.text_facts import (
     ball_cells,
     cell,
     fact_lines,
+    reading_records,
     reasoned_records,
     reasoning,
     reasoning_steps,
@@ -53,6 +54,29 @@ def test_text_facts_records_replace_each_video_by_its_lines():
     assert question.count("the cue ball:") == 2 and "<video>" not in question and question.endswith(": same?")
     with pytest.raises(DataError, match="no tracks for c.mp4"):
         text_facts_records([{**records[0], "video": "c.mp4"}], captions, VideoInputConfig(num_frames=2))
+
+
+def test_reading_records_ask_a_cell_or_a_line_of_the_facts_or_of_the_video():
+    clips = [{"video": "a.mp4", "tracks": _tracks()}]
+    cfg = VideoInputConfig(num_frames=4)  # cue a8 c8 f8 h8, red e1 e1 off off
+    text = reading_records(clips, cfg, 6, seed=0)
+    video = reading_records(clips, cfg, 6, seed=0, asked_of="video")
+    truths = {"cue": ["a8", "c8", "f8", "h8"], "red": ["e1", "e1", None, None]}
+    for j, (t, v) in enumerate(zip(text, video, strict=True)):
+        question, answer = (turn["value"] for turn in t["conversations"])
+        ball = question.split("the ")[-1].split(" ball")[0]
+        if j % 2 == 0:  # a cell: the one the track holds in the frame asked about
+            k = int(question.rsplit("frame ", 1)[1].rstrip("?")) - 1
+            where = f"at {truths[ball][k]}" if truths[ball][k] else "off the table"
+            assert answer == f"In frame {k + 1} the {ball} ball was {where}."
+        else:  # a line: every shown frame's cell
+            assert answer == " ".join(c or "off" for c in truths[ball]) + "."
+        assert question.startswith("the cue ball: a8 c8 f8 h8\nthe red ball: e1 e1 off off\n") and "video" not in t
+        # asked of the video: the same draw, the clip in place of its lines
+        assert v["video"] == "a.mp4" and v["conversations"][1]["value"] == answer
+        assert v["conversations"][0]["value"].startswith("<video>\nWhere was the")
+    with pytest.raises(ValueError, match="asked_of"):
+        reading_records(clips, cfg, 1, seed=0, asked_of="audio")
 
 
 def _bounce() -> dict:

@@ -103,7 +103,10 @@ def run(engine: Engine, items: list[Item], settings: GenerationSettings, batch_s
     """Fill in ``answer`` (and ``blind_answer``, and ``first_segment_answer`` for items read in
     segments); returns {item id: reason} for items whose videos could not be read."""
     failed: dict[str, str] = {}
-    todo = sorted(items, key=lambda it: (len(it.videos), sum(len(m.content) for m in it.messages)))
+    # one video's questions together, so each video is decoded and encoded once (the engine keeps
+    # the last few), and by length within it, so a batch pads little
+    todo = sorted(items, key=lambda it: (len(it.videos), [str(v) for v in it.videos],
+                                         sum(len(m.content) for m in it.messages)))
     for start in tqdm(range(0, len(todo), batch_size), desc="evaluating", unit="batch"):
         chunk = todo[start:start + batch_size]
         ok = []

@@ -232,9 +232,10 @@ def align_config(model: Path, tower: str, data: Path, output: Path, frames: Path
 
 
 def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig, progress: Progress,
-         stage1_lm: float | None = None) -> Path:
+         stage1_lm: float | None = None, stage2_extra: list[dict] | None = None) -> Path:
     """Steps 5-7: tower features, stage 1, stage 2; returns the final model's directory.
-    ``stage1_lm``: the answers' weight in stage 1 (default: none beside the frame facts)."""
+    ``stage1_lm``: the answers' weight in stage 1 (default: none beside the frame facts);
+    ``stage2_extra``: training records stage 2 gets besides the recipe's (research probes)."""
     import torch
 
     from hilight.checkpoint import load_checkpoint, read_config
@@ -255,7 +256,7 @@ def _vlm(out: Path, data: Path, aligned: Path, features: Path, cfg: RecipeConfig
     # long clips' questions
     train_records = out / "stage2-train.json"
     records = (read_records(data / "train.json") + inventory_records(data, read_config(aligned).video)
-               + read_records(data / "train-long.json"))
+               + read_records(data / "train-long.json") + list(stage2_extra or ()))
     train_records.write_text(json.dumps(records) + "\n")
     vlm_data = DataConfig(train=str(data / "train.json"), val=str(data / "val.json"), videos=str(data / "videos"),
                           cache=str(features))

@@ -19,6 +19,8 @@ import json
 import string
 from pathlib import Path
 
+import numpy as np
+
 from hilight.config import VideoInputConfig
 from hilight.data import read_records
 from hilight.errors import DataError
@@ -105,6 +107,40 @@ def _tracks_of(rec: dict, tracks: dict[str, dict]) -> list[str]:
     if missing:
         raise DataError(f"record {rec.get('id')}: no tracks for {missing[0]}")
     return names
+
+
+def reading_records(clips: list[dict], video_cfg: VideoInputConfig, per_clip: int, seed: int,
+                    asked_of: str = "text", grid: int = GRID) -> list[dict]:
+    """Training-only questions that read one place of a clip, ``per_clip`` for each of ``clips``
+    (caption records with tracks), alternating: where a ball was in frame k (``In frame 3 the red
+    ball was at e3.``), and a ball's cell in every frame (``d5 d4 off off.``). ``asked_of="text"``
+    asks them of the clip's fact lines (what a pre-trained LLM brings and this one lacks: fetching a
+    token from a given place of a given line), ``"video"`` of the clip itself (they then ask
+    TokenMining's tokens to carry each ball's cell)."""
+    if asked_of not in ("text", "video"):
+        raise ValueError(f"asked_of is 'text' or 'video', not {asked_of!r}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for clip in clips:
+        tracks = clip["tracks"]
+        cells = ball_cells(tracks, video_cfg, grid)
+        shown = "\n".join(fact_lines(tracks, video_cfg, grid)) if asked_of == "text" else VIDEO_TOKEN
+        for j in range(per_clip):
+            n = int(rng.integers(len(cells)))
+            ball = tracks["names"][n]
+            if j % 2 == 0:
+                k = int(rng.integers(len(cells[n])))
+                where = f"was at {cells[n][k]}" if cells[n][k] else "was off the table"
+                question, answer = f"Where was the {ball} ball in frame {k + 1}?", f"In frame {k + 1} the {ball} ball {where}."
+            else:
+                question = (f"Repeat the {ball} ball's line." if asked_of == "text"
+                            else f"Where was the {ball} ball in each frame?")
+                answer = " ".join(c or "off" for c in cells[n]) + "."
+            record = {"id": f"{clip['video']}-reading-{j}", "meta": {"types": ["reading"], "truth": [answer]},
+                      "conversations": [{"from": "human", "value": f"{shown}\n{question}"},
+                                        {"from": "gpt", "value": answer}]}
+            out.append(record if asked_of == "text" else {**record, "video": clip["video"]})
+    return out
 
 
 def reasoned_records(records: list[dict], captions: list[dict], video_cfg: VideoInputConfig,
