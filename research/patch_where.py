@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from hilight.config import to_dict
+from hilight.model.long_clip import LongCLIPImageTower
 from hilight.recipes.billiards_small import facts
 from hilight.recipes.billiards_small.recipe import STEPS, billiards_small, load_recipe
 
-WEIGHT = {"where": 1.0}
+WEIGHT = {"where": 1.0, "image_tower": 1.0}  # the image tower's term: --video-only sets 0
 
 
 class TowerFactsWhere(facts.TowerFacts):
@@ -37,6 +38,7 @@ class TowerFactsWhere(facts.TowerFacts):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.where = nn.Linear(self.patch.in_features, 2)
+        self.weight = WEIGHT["where"] * (WEIGHT["image_tower"] if isinstance(args[2], LongCLIPImageTower) else 1.0)
 
     def loss(self, out, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         states = out.patch_states  # [B, T, L, D], row by row
@@ -44,7 +46,7 @@ class TowerFactsWhere(facts.TowerFacts):
         index = torch.arange(states.shape[2], device=states.device)
         place = torch.stack([index % side, index // side], -1).float() / (side - 1)  # [L, 2] column, row
         where = (self.where(states).float() - place).abs().mean()
-        return super().loss(out, targets) + WEIGHT["where"] * where
+        return super().loss(out, targets) + self.weight * where
 
 
 def link_first_steps(source: Path, out: Path, settings: dict) -> None:
@@ -67,15 +69,16 @@ def main() -> None:
     parser.add_argument("--source", type=Path, required=True, help="a recipe run whose steps 1-2 are done")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--weight", type=float, default=1.0, help="the patch-position loss's weight")
+    parser.add_argument("--video-only", action="store_true", help="the place term in the video tower only")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the recipe's dotted overrides")
     args = parser.parse_args()
 
     cfg = load_recipe(None, args.overrides)
     link_first_steps(args.source, args.out, json.loads(json.dumps({"recipe": "billiards-small", "config": to_dict(cfg)})))
-    WEIGHT["where"] = args.weight
+    WEIGHT["where"], WEIGHT["image_tower"] = args.weight, 0.0 if args.video_only else 1.0
     facts.TowerFacts = TowerFactsWhere  # the objective is looked up by name when alignment builds it
     summary = billiards_small(args.out, cfg)
-    (args.out / "patch-where.json").write_text(json.dumps({"where_weight": args.weight, **summary}, indent=1) + "\n")
+    (args.out / "patch-where.json").write_text(json.dumps({"where_weight": args.weight, "video_only": args.video_only, **summary}, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
 
